@@ -45,7 +45,9 @@ def test_env_reference_filled(repo_root, clean_env):
 
 
 def test_overrides_apply_with_types(repo_root, clean_env):
-    cfg = load_config(repo_root / "config" / "config.yaml", "train.lr=1e-4 data.max_pixels=262144 train.micro_batch=2")
+    cfg = load_config(
+        repo_root / "config" / "config.yaml", "train.lr=1e-4 data.max_pixels=262144 train.micro_batch=2"
+    )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.data.max_pixels == 262144
     assert cfg.train.micro_batch == 2
@@ -97,7 +99,12 @@ def test_missing_env_without_default_is_named(tmp_path, clean_env):
 
 
 def test_parse_overrides_scalars():
-    assert parse_overrides("a.b=1 a.c=true a.d=x a.e=1e-4") == [("a.b", 1), ("a.c", True), ("a.d", "x"), ("a.e", 1e-4)]
+    assert parse_overrides("a.b=1 a.c=true a.d=x a.e=1e-4") == [
+        ("a.b", 1),
+        ("a.c", True),
+        ("a.d", "x"),
+        ("a.e", 1e-4),
+    ]
 
 
 def test_resolved_config_written_and_reloadable(repo_root, tmp_path, clean_env):
@@ -112,7 +119,9 @@ def test_cli_exit_code_and_one_line(repo_root, clean_env):
     """A job stops before any work with one line and exit code 2 (the Makefile uses this entry point too)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pcbvlm.config", "get", "train.lr", "--set", "train.lr=fast"],
-        cwd=repo_root, capture_output=True, text=True,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: train.lr: input should be a valid number")
@@ -120,7 +129,10 @@ def test_cli_exit_code_and_one_line(repo_root, clean_env):
     assert "Traceback" not in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "pcbvlm.config", "get", "train.micro_batch", "--config", "config/config.yaml"],
-        cwd=repo_root, capture_output=True, text=True, env={"SET": "train.micro_batch=3", "PATH": "/usr/bin"},
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        env={"SET": "train.micro_batch=3", "PATH": "/usr/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3"

@@ -232,11 +232,8 @@ def parse_overrides(items: list[str] | str | None) -> list[tuple[str, Any]]:
         except yaml.YAMLError:
             value = raw
         # YAML 1.1 reads "1e-4" as a string; numbers written that way are meant as numbers.
-        if isinstance(value, str):
-            try:
-                value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
-            except ValueError:
-                pass
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            value = float(value)
         pairs.append((key, value))
     return pairs
 
