@@ -41,3 +41,43 @@ def run_job(script: str, *args: str, env: dict | None = None, cwd: Path | None =
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny random Qwen3-VL, built once per test session."""
+    from pcbvlm.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """Synthetic boards in the DeepPCB layout, converted like `make data` does (train/val/test jsonl)."""
+    from pcbvlm.config import load_config
+    from pcbvlm.deeppcb import prepare_data
+    from pcbvlm.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root / "DeepPCB", 16, seed=3)
+    cfg = load_config(ROOT / "config" / "tiny.yaml")
+    prepare_data(cfg, deeppcb_dir=root / "DeepPCB", out_dir=root / "converted", progress=False)
+    return root / "converted"
+
+
+def tiny_overrides(model_dir: Path, data_dir: Path, runs_dir: Path, **train) -> list[str]:
+    """--set flags for a fast tiny training run (small images, micro-batch 2)."""
+    values = {
+        "model.name_or_path": model_dir,
+        "paths.data_dir": data_dir,
+        "paths.runs_dir": runs_dir,
+        "data.max_pixels": 16384,
+        "data.min_pixels": 4096,
+        "train.micro_batch": 2,
+        "train.logging_steps": 1,
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+    args: list[str] = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args

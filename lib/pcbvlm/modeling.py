@@ -1,0 +1,158 @@
+"""Loading Qwen3-VL for training (QLoRA or LoRA) and for inference, the same way in every job.
+
+QLoRA here means: the language model's decoder linears in NF4 with double quantization (bitsandbytes),
+the vision tower (`model.visual`) and `lm_head` left unquantized in the compute dtype, LoRA adapters
+(peft) on the decoder linears, everything else frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcbvlm.config import Config
+from pcbvlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Module-name prefixes that must never be 4-bit quantized. Under transformers 5 the vision tower is
+# `model.visual` (a bare "visual" does not match); lm_head stays in the compute dtype for the loss.
+SKIP_QUANTIZATION = ["model.visual", "lm_head"]
+
+
+def resolve_device(cfg: Config) -> str:
+    if cfg.resources.device != "auto":
+        return cfg.resources.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(cfg: Config, device: str | None = None) -> torch.dtype:
+    """bf16 where the GPU supports it (Ampere and newer), else fp16 on a GPU, fp32 on a CPU."""
+    device = device or resolve_device(cfg)
+    choice = cfg.train.precision
+    if choice == "auto":
+        if device == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            log.warning("this GPU has no bf16 support: computing in fp16 (loss scaling on)")
+            return torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def ensure_model_available(cfg: Config) -> str:
+    """The base model's hub id or folder; builds the tiny model first where the config asks for it."""
+    name = cfg.model.name_or_path
+    if cfg.model.build_tiny_if_missing and not (Path(name) / "config.json").is_file():
+        from pcbvlm.tiny import ensure_tiny_model
+
+        log.info("building the tiny embedded model at %s", name)
+        ensure_tiny_model(name)
+    elif not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json", revision=cfg.model.revision), str):
+            raise UserError(
+                f"model.name_or_path: {name} is neither a local folder nor in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE=1 forbids downloading it"
+            )
+    return name
+
+
+def bnb_config(compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # ZeRO-3 shards parameters by dtype: the 4-bit storage must match the compute dtype there.
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
+        llm_int8_skip_modules=SKIP_QUANTIZATION,
+    )
+
+
+def load_base_model(
+    cfg: Config,
+    quantization: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: Any = "auto-single",
+    zero3: bool = False,
+):
+    """The base Qwen3-VL model, NF4-quantized (QLoRA) or not, on one device."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    name = ensure_model_available(cfg)
+    device = device or resolve_device(cfg)
+    dtype = dtype or resolve_dtype(cfg, device)
+    quantization = quantization or cfg.train.quantization
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+        "revision": cfg.model.revision,
+    }
+    if quantization == "nf4":
+        if device != "cuda":
+            raise UserError(
+                "train.quantization: nf4 (QLoRA) needs a CUDA GPU for bitsandbytes; on a CPU set "
+                "train.quantization=none (the tiny config does)"
+            )
+        kwargs["quantization_config"] = bnb_config(dtype, quant_storage=dtype if zero3 else None)
+    if device_map == "auto-single":
+        # One process drives one GPU (accelerate sets LOCAL_RANK); ZeRO-3 places weights itself.
+        device_map = (
+            None if zero3 else ({"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else None)
+        )
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = Qwen3VLForConditionalGeneration.from_pretrained(name, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def lora_target_regex(cfg: Config) -> str:
+    """A peft `target_modules` regex: the chosen linears of the language model's decoder blocks only,
+    plus the vision merger's two linears when `lora.train_merger` is set."""
+    names = "|".join(re.escape(n) for n in cfg.lora.target_modules)
+    pattern = rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
+    if cfg.lora.train_merger:
+        pattern = rf"(?:{pattern})|(?:model\.visual\.merger\.linear_fc[12])"
+    return pattern
+
+
+def apply_lora(model, cfg: Config, gradient_checkpointing: bool | None = None):
+    """Wrap the model with LoRA adapters; the base stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    gradient_checkpointing = (
+        cfg.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs; inputs still need grads to reach LoRA.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_target_regex(cfg),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    return peft_model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,214 @@
+"""The embedded tiny model: a random Qwen3-VL with the 32B's module names, built locally and offline.
+
+`ensure_tiny_model(path)` builds it once (deterministic for a seed) and saves a normal Hugging Face
+folder: `config.json` + safetensors, a byte-level BPE tokenizer trained with `tokenizers` on this
+project's prompt/answer vocabulary plus Qwen's special tokens, a Qwen3-VL chat template, and the image
+processor settings. Every job then loads it exactly like the 32B (`from_pretrained(path)`), so the
+demo and the tests exercise the real code paths without a download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pcbvlm.io import atomic_directory
+from pcbvlm.labels import LABELS
+
+# Qwen2/Qwen3 special tokens, in Qwen's id order, so the template and processor find them by name.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen's pre-tokenizer split (digits one at a time, like Qwen): byte-level BPE then merges inside pieces.
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+# The same structure as Qwen3-VL-Instruct's template for text + image turns (no tools, no video).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+TINY_IMAGE_PIXELS = (16384, 65536)  # min/max: 128x128 .. 256x256 -> 16..64 visual tokens
+
+
+def _training_corpus() -> list[str]:
+    """Text the tiny tokenizer must encode compactly: prompts, labels, JSON answers, chat scaffolding."""
+    from pcbvlm.config import DataConfig
+
+    data = DataConfig()
+    lines = [data.prompt, data.template_prompt, "system", "user", "assistant"]
+    for label in LABELS:
+        lines.append(f'[{{"bbox_2d": [12, 345, 678, 901], "label": "{label}"}}]')
+    lines += [" ".join(str(i) for i in range(0, 1001, 7)), "[]", "```json", "```"]
+    return lines * 4
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=640,
+        min_frequency=2,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int, tokenizer=None):
+    """A Qwen3-VL config with every feature of the 32B (mrope, deepstack, merger) at toy sizes."""
+    from transformers import Qwen3VLConfig
+
+    ids = {}
+    if tokenizer is not None:
+        ids = {
+            "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+            "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        }
+    head_dim = 16
+    return Qwen3VLConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": head_dim,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            # mrope sections must add up to head_dim / 2 (t, h, w interleaved, as in the 32B's [24, 20, 20])
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+            "tie_word_embeddings": False,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer is not None else None,
+            "eos_token_id": tokenizer.eos_token_id if tokenizer is not None else None,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "in_channels": 3,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [1],
+        },
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def build_processor(tokenizer):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from pcbvlm.processing import ImageOnlyQwen3VLProcessor
+
+    # The PIL image processor works without torchvision; Qwen3-VL uses 16 px patches and a 2x2 merge.
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        min_pixels=TINY_IMAGE_PIXELS[0],
+        max_pixels=TINY_IMAGE_PIXELS[1],
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return ImageOnlyQwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+
+def build_tiny_model(seed: int = 0):
+    """Return (model, processor) for the tiny random Qwen3-VL; deterministic for a seed."""
+    import torch
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    config = tiny_config(len(tokenizer), tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        ],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    return model, processor
+
+
+def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Build and save the tiny model to `path` unless a complete copy is already there."""
+    path = Path(path)
+    marker = path / "tiny-model.json"
+    if marker.is_file():
+        return path
+    model, processor = build_tiny_model(seed)
+    with atomic_directory(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        # Saved part by part (tokenizer with its chat template, image processor): the layout of a hub
+        # folder, which pcbvlm.processing.load_processor reads back.
+        processor.tokenizer.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)
+        (tmp / "tiny-model.json").write_text(
+            json.dumps({"seed": seed, "parameters": sum(p.numel() for p in model.parameters())}) + "\n"
+        )
+    return path
