@@ -1,0 +1,639 @@
+"""Memory and disk estimates of each job, computed from the model's shape and the config.
+
+Every estimate is a list of `Item`s (what, bytes, why) so the report can print the breakdown. The
+formulas are deliberately simple, one line per term; their constants are documented where defined.
+
+The train estimate was checked against H200 measurements of Qwen3-VL-32B with LoRA r64 on all decoder
+linears, one 640x640 image per sample (~650 tokens), gradient checkpointing, fused AdamW. The project's
+reference: NF4 model alone 19.1 GiB; peak 30-34 GiB at micro-batch 1, 38 GiB at 8, 51 GiB at 16. With a
+bf16 base and grad_accum 2, peak minus weights measured 10.6 / 21.9 / 35.5 GiB at micro-batch 1 / 8 / 16
+(estimated 9.7 / 21.5 / 35.0), 2.1 GiB less at grad_accum 1 (the gradients are then not alive at the
+peak: 19.75 measured, 19.5 estimated at 8); without checkpointing 26.0 / 44.7 GiB at micro-batch 1 / 2
+(estimated 26.3 / 44.5). Replacing the bf16 weights by the NF4 ones gives 29.8 / 41.1 / 54.7 GiB for QLoRA
+at grad_accum 2; this module estimates 30.9 / 42.7 / 56.2 GiB, the 2 GiB margin included.
+
+Peak memory is `static + held + max(transients) + margin`:
+- static: weights, adapter, its gradients (with grad_accum > 1) and optimizer state;
+- held: activations kept from the forward pass for the backward pass;
+- transient: buffers alive at different moments (the logits and loss at the end of the forward pass,
+  one decoder layer recomputed during the backward pass, the vision tower's forward): only the largest
+  counts, since they are never alive together;
+- margin: CUDA context and allocator fragmentation (`resources.vram_margin_gib`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pcbvlm.config import Config
+from pcbvlm.shapes import ModelShape, ParamCounts, count_parameters
+
+GIB = 1024**3
+GB = 1000**3
+
+# Text tokens of one sample besides the image: the chat template and the prompt (~80), and the JSON
+# answer (~170 for DeepPCB's typical 3-12 boxes per image).
+PROMPT_TOKENS = 80
+ANSWER_TOKENS = 170
+
+# bitsandbytes NF4 with double quantization: 4 bits per weight, one absmax per block of 64 weights stored
+# as 8 bits, and one fp32 scale per 256 of those absmax values.
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+# Adapter weights are fp32 under peft whatever the base dtype (autocast_adapter_dtype), and so are their
+# gradients and AdamW's two moments: 4 + 4 + 8 bytes per LoRA parameter.
+LORA_PARAM_BYTES = 4
+LORA_GRAD_BYTES = 4
+ADAM_STATE_BYTES = 8
+# The loss upcasts the bf16 logits to fp32 and log-softmaxes them. Its backward pass holds the bf16
+# logits (half a copy), the saved log-softmax output, its gradient and the gradient of the fp32 logits:
+# 3.5 copies of micro_batch x seq x vocab fp32 values (the measured slope, ~1.7 GiB per 650-token sample
+# with the checkpointed hidden states, agrees).
+LOGITS_FP32_COPIES = 3.5
+# transformers writes safetensors shards of at most 5 GB; loading (and saving) holds about one in RAM.
+SHARD_BYTES = 5 * GB
+# RAM per DataLoader worker (a Python process with the tokenizer, decoding 640 px JPEGs).
+WORKER_RAM_BYTES = 1 * GIB
+# An evaluation report (JSON, per-sample predictions, overlay pictures of the worst samples).
+EVAL_REPORT_BYTES = 1 * GIB
+
+Kind = Literal["static", "held", "transient", "margin"]
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    bytes: float
+    note: str = ""
+    kind: Kind = "static"
+    counted: bool = True  # False for a transient that a larger transient outweighs
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What one job needs on one device ("gpu" or "ram"), as a breakdown."""
+
+    what: str
+    device: Literal["gpu", "ram"]
+    items: tuple[Item, ...]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(item.bytes for item in self.items if item.counted)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "device": self.device,
+            "total_gib": round(self.total_gib, 2),
+            "inputs": self.inputs,
+            "items": [
+                {"name": i.name, "gib": round(i.gib, 3), "kind": i.kind, "counted": i.counted, "note": i.note}
+                for i in self.items
+            ],
+        }
+
+
+def _peak(
+    what: str, device: Literal["gpu", "ram"], items: Iterable[Item], inputs: dict[str, Any]
+) -> Estimate:
+    """Mark every transient but the largest as not counted (they are never alive together)."""
+    items = list(items)
+    transients = [i for i in items if i.kind == "transient"]
+    largest = max(transients, key=lambda i: i.bytes) if transients else None
+    marked = tuple(
+        Item(i.name, i.bytes, i.note, i.kind, counted=(i.kind != "transient" or i is largest)) for i in items
+    )
+    return Estimate(what, device, marked, inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+def image_tokens(max_pixels: int, patch_size: int = 16, merge_size: int = 2) -> int:
+    """Visual tokens of one image resized to at most `max_pixels`: one per 2x2 group of 16 px patches
+    (409600 px = 640x640 -> 1600 patches -> 400 tokens)."""
+    return max_pixels // (patch_size * patch_size) // (merge_size * merge_size)
+
+
+def sample_tokens(cfg: Config, shape: ModelShape | None = None) -> int:
+    """Tokens of one training sample: its image(s), the prompt and the answer (~650 at 640x640)."""
+    patch, merge = (
+        (shape.vision.patch_size, shape.vision.spatial_merge_size) if shape and shape.vision else (16, 2)
+    )
+    return (
+        images_per_sample(cfg) * image_tokens(cfg.data.max_pixels, patch, merge)
+        + PROMPT_TOKENS
+        + ANSWER_TOKENS
+    )
+
+
+def _dtype_bytes(precision: str) -> int:
+    """Bytes of the compute dtype: bf16/fp16 (auto means bf16 on sm80+) = 2, fp32 = 4."""
+    return 4 if precision == "fp32" else 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lora_parameters(shape: ModelShape, r: int, targets: Sequence[str], train_merger: bool = False) -> int:
+    """r x (in + out) for every targeted linear of every decoder layer (plus the vision merger's two
+    linears with `train_merger`). Target names that match no decoder linear add nothing."""
+    linears = shape.decoder_linears()
+    per_layer = sum(r * (fan_in + fan_out) for name, (fan_in, fan_out) in linears.items() if name in targets)
+    merger = sum(r * (a + b) for a, b in shape.merger_linears().values()) if train_merger else 0
+    return shape.num_layers * per_layer + merger
+
+
+def layer_activation_bytes_per_token(
+    shape: ModelShape,
+    act_bytes: int,
+    targets: Sequence[str],
+    attn_implementation: str = "sdpa",
+    seq_len: int = 0,
+) -> float:
+    """Bytes one decoder layer keeps for its backward pass, per token.
+
+    Compute-dtype tensors: 4 x hidden (two norm outputs, two residual sums), 4 x q width (q projection,
+    q-norm, rotary and the attention output), 4 x kv width (k projection, k-norm, rotary, v) and
+    4 x intermediate (gate, up, SiLU(gate), their product). Each LoRA input is kept once more in the
+    compute dtype (the adapter's dropout output, cast for its matmul). Eager attention also keeps the
+    heads x seq attention matrix (scores and probabilities); SDPA/flash keep none. (For the 32B shape
+    this gives 438 KB per token and layer; ~448 KB were measured on an H200.)
+    """
+    h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+    elements = 4 * h + 4 * q + 4 * kv + 4 * i
+    lora_inputs = sum(fan_in for name, (fan_in, _) in shape.decoder_linears().items() if name in targets)
+    lora_bytes = lora_inputs * act_bytes
+    attn = 2 * shape.num_heads * seq_len * act_bytes if attn_implementation == "eager" else 0
+    return elements * act_bytes + lora_bytes + attn
+
+
+def vision_forward_bytes(shape: ModelShape, patches: int, act_bytes: int, attn_implementation: str) -> float:
+    """The frozen vision tower runs without autograd: only one block's buffers exist at a time, ~6 x hidden
+    + 2 x intermediate per patch (plus the heads x patches^2 fp32 attention matrix under eager)."""
+    if shape.vision is None or patches == 0:
+        return 0.0
+    v = shape.vision
+    per_patch = (6 * v.hidden_size + 2 * v.intermediate_size) * act_bytes
+    attn = v.num_heads * patches * patches * 4 if attn_implementation == "eager" else 0
+    return patches * per_patch + attn
+
+
+def estimate_train_vram(
+    model: Any,
+    cfg: Config | None = None,
+    *,
+    micro_batch: int | None = None,
+    seq_len: int | None = None,
+    quantization: str | None = None,
+    precision: str | None = None,
+    lora_r: int | None = None,
+    lora_targets: Sequence[str] | None = None,
+    gradient_checkpointing: bool | None = None,
+    grad_accum: int | None = None,
+    attn_implementation: str | None = None,
+    max_pixels: int | None = None,
+    margin_gib: float | None = None,
+    logit_tokens: int | None = None,
+) -> Estimate:
+    """Peak GPU memory of one QLoRA/LoRA training step.
+
+    `model`: a `ModelShape`, a transformers `Qwen3VLConfig` or a config.json dict (e.g.
+    `pcbvlm.shapes.qwen3_vl_32b_config()`). `cfg` gives every other input (default: the schema's
+    defaults, i.e. the production config); keyword arguments override it. `seq_len` is the tokens of one
+    sample (default from data.max_pixels: 400 image tokens + 80 prompt + 170 answer = 650).
+
+    Terms: decoder linears in NF4 (`NF4_BITS` per weight) or the compute dtype; vision tower, embeddings,
+    lm_head and norms in bf16; the largest linear dequantized to bf16 during its matmul (NF4 only); LoRA
+    weights, gradients and AdamW moments (16 B per LoRA parameter; the gradients count only with
+    grad_accum > 1, else they appear after the logits are freed); with gradient checkpointing one
+    hidden state per layer is held and one layer is recomputed at a time, without it every layer's
+    activations are held; the fp32 logits/loss (`LOGITS_FP32_COPIES`); the vision tower's forward
+    buffers; and the margin.
+    """
+    cfg = cfg or Config()
+    shape = ModelShape.from_config(model)
+    counts = count_parameters(shape)
+    mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
+    if max_pixels is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_pixels": max_pixels})})
+    seq = seq_len if seq_len is not None else sample_tokens(cfg, shape)
+    quant = quantization or cfg.train.quantization
+    prec = precision or cfg.train.precision
+    r = lora_r if lora_r is not None else cfg.lora.r
+    targets = list(lora_targets if lora_targets is not None else cfg.lora.target_modules)
+    gc = gradient_checkpointing if gradient_checkpointing is not None else cfg.train.gradient_checkpointing
+    accum = grad_accum if grad_accum is not None else cfg.train.grad_accum
+    attn = attn_implementation or cfg.model.attn_implementation
+    margin = margin_gib if margin_gib is not None else cfg.resources.vram_margin_gib
+    act = _dtype_bytes(prec)
+    tokens = mb * seq
+
+    items = _weight_items(shape, counts, quant, act)
+    lora = lora_parameters(shape, r, targets, cfg.lora.train_merger)
+    items += [
+        Item("LoRA weights (fp32)", lora * LORA_PARAM_BYTES, f"{lora / 1e6:.0f} M params, r={r}"),
+        # With grad_accum > 1 the gradients of the previous micro-steps are alive at the peak; with 1 they
+        # are allocated during the backward pass, after the logits are freed.
+        Item("LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, f"kept across {accum} micro-steps")
+        if accum > 1
+        else Item(
+            "LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, "filled after the logits are freed", "transient"
+        ),
+        Item("AdamW moments (fp32 m, v)", lora * ADAM_STATE_BYTES, "8 B per LoRA param"),
+    ]
+    per_token_layer = layer_activation_bytes_per_token(shape, act, targets, attn, seq)
+    if gc:
+        items.append(
+            Item(
+                "checkpointed hidden states",
+                shape.num_layers * tokens * shape.hidden_size * act,
+                f"{shape.num_layers} layers x {mb} x {seq} tokens x hidden",
+                "held",
+            )
+        )
+        items.append(
+            Item(
+                "one layer recomputed (backward)",
+                tokens * per_token_layer,
+                "gradient checkpointing",
+                "transient",
+            )
+        )
+    else:
+        items.append(
+            Item(
+                "activations of every layer",
+                shape.num_layers * tokens * per_token_layer,
+                "no gradient checkpointing",
+                "held",
+            )
+        )
+    # The training job asks for logits only from the answer on (pcbvlm.collator.keep_answer_logits):
+    # ANSWER_TOKENS + 1 positions per sample; `logit_tokens=seq_len` estimates a full-logits step.
+    per_sample_logits = min(seq, logit_tokens if logit_tokens is not None else ANSWER_TOKENS + 1)
+    logits = mb * per_sample_logits * shape.vocab_size * 4 * LOGITS_FP32_COPIES
+    items.append(
+        Item(
+            "logits + loss (fp32)",
+            logits,
+            f"{mb} x {per_sample_logits} x {shape.vocab_size} x 4 B x {LOGITS_FP32_COPIES}",
+            "held" if not gc else "transient",
+        )
+    )
+    if shape.vision is not None:
+        patches = mb * _patches_per_sample(cfg, shape)
+        items.append(
+            Item(
+                "vision tower forward",
+                vision_forward_bytes(shape, patches, act, attn),
+                f"{patches} patches, frozen (no autograd)",
+                "transient",
+            )
+        )
+    items.append(Item("CUDA context + fragmentation", margin * GIB, "resources.vram_margin_gib", "margin"))
+    inputs = {
+        "micro_batch": mb,
+        "seq_len": seq,
+        "quantization": quant,
+        "precision": prec,
+        "lora_r": r,
+        "lora_targets": targets,
+        "gradient_checkpointing": gc,
+        "grad_accum": accum,
+        "attn_implementation": attn,
+        "max_pixels": cfg.data.max_pixels,
+        "params_total": counts.total,
+        "lora_params": lora,
+    }
+    return _peak(f"train step, micro_batch {mb}", "gpu", items, inputs)
+
+
+def images_per_sample(cfg: Config) -> int:
+    """Images per sample: the board, and the defect-free template before it with data.with_template."""
+    return 2 if cfg.data.with_template else 1
+
+
+def _patches_per_sample(cfg: Config, shape: ModelShape) -> int:
+    """Vision patches of one sample (4 per visual token with the 2x2 merge)."""
+    v = shape.vision
+    if v is None:
+        return 0
+    return (
+        images_per_sample(cfg)
+        * image_tokens(cfg.data.max_pixels, v.patch_size, v.spatial_merge_size)
+        * v.spatial_merge_size**2
+    )
+
+
+def _weight_items(shape: ModelShape, counts: ParamCounts, quantization: str, act_bytes: int) -> list[Item]:
+    """The model's weights: decoder linears in NF4 or the compute dtype, the rest in the compute dtype."""
+    if quantization == "nf4":
+        linears = Item(
+            "LM decoder linears (NF4 + double quant)",
+            counts.lm_linears * NF4_BITS / 8,
+            f"{counts.lm_linears / 1e9:.2f} B params x {NF4_BITS:.3f} bit",
+        )
+    else:
+        linears = Item(
+            f"LM decoder linears ({'fp32' if act_bytes == 4 else 'bf16'})",
+            counts.lm_linears * act_bytes,
+            f"{counts.lm_linears / 1e9:.2f} B params, not quantized",
+        )
+    wb = act_bytes  # non-quantized weights are loaded in the compute dtype (bf16 on GPUs, fp32 on the demo)
+    dtype = "fp32" if wb == 4 else "bf16"
+    items = [
+        linears,
+        Item(
+            f"embeddings + lm_head + norms ({dtype})",
+            (counts.embed_tokens + counts.lm_head + counts.lm_norms) * wb,
+            f"{(counts.embed_tokens + counts.lm_head) / 1e6:.0f} M params",
+        ),
+        Item(f"vision tower ({dtype})", counts.vision * wb, f"{counts.vision / 1e6:.0f} M params"),
+    ]
+    if quantization == "nf4":
+        biggest = max(a * b for a, b in shape.decoder_linears().values())
+        items.append(
+            Item("NF4 dequantization buffer", biggest * 2, "largest linear in bf16 during its matmul")
+        )
+    return items
+
+
+def suggest_train_fit(model: Any, cfg: Config, free_bytes: float) -> str:
+    """What to change when the train step does not fit `free_bytes`: the largest micro_batch that fits,
+    else a smaller max_pixels, else gradient checkpointing; or the memory a GPU would need."""
+    need = estimate_train_vram(model, cfg)
+    head = f"micro_batch {cfg.train.micro_batch} needs ~{need.total_gib:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
+    for mb in range(cfg.train.micro_batch - 1, 0, -1):
+        if estimate_train_vram(model, cfg, micro_batch=mb).total_bytes <= free_bytes:
+            effective = cfg.train.micro_batch * cfg.train.grad_accum
+            accum = max(1, -(-effective // mb))
+            return f"{head}: micro_batch {mb} fits (set train.micro_batch={mb} train.grad_accum={accum} to keep the effective batch {effective})"
+    if not cfg.train.gradient_checkpointing and (
+        estimate_train_vram(model, cfg, micro_batch=1, gradient_checkpointing=True).total_bytes <= free_bytes
+    ):
+        return f"{head}: set train.gradient_checkpointing=true and train.micro_batch=1"
+    for pixels in (262144, 147456, 65536):  # 512x512, 384x384, 256x256
+        if pixels < cfg.data.max_pixels and (
+            estimate_train_vram(model, cfg, micro_batch=1, max_pixels=pixels).total_bytes <= free_bytes
+        ):
+            return f"{head}: micro_batch 1 with data.max_pixels={pixels} fits"
+    floor = estimate_train_vram(model, cfg, micro_batch=1, gradient_checkpointing=True)
+    return (
+        f"{head}: nothing fits; micro_batch 1 needs ~{floor.total_gib:.1f} GiB (use a larger GPU, or free it)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation, merge, quantization
+
+
+def estimate_eval_vram(
+    model: Any, cfg: Config | None = None, *, batch_size: int | None = None, weights: str = "w4a16"
+) -> Estimate:
+    """Peak GPU memory of batched generation.
+
+    Weights: `w4a16` (the AWQ output: 4 bits + one bf16 scale per quantize.group_size weights for the
+    decoder linears) or `nf4` (the QLoRA base plus the fp32 adapter); bf16 for the rest. KV cache:
+    batch x (prompt + max_new_tokens) x layers x 2 (k, v) x kv heads x head_dim x 2 B. Transient: the
+    prefill of one layer (batch x prompt tokens x (3 x intermediate + hidden) x 2 B) or the vision tower.
+    """
+    cfg = cfg or Config()
+    shape = ModelShape.from_config(model)
+    counts = count_parameters(shape)
+    batch = batch_size if batch_size is not None else cfg.eval.batch_size
+    prompt = sample_tokens(cfg, shape) - ANSWER_TOKENS
+    context = prompt + cfg.eval.max_new_tokens
+    if weights == "w4a16":
+        bits = 4 + 16 / cfg.quantize.group_size
+        items = [
+            Item("LM decoder linears (W4A16)", counts.lm_linears * bits / 8, f"{bits:.3f} bit, AWQ"),
+            Item("vision + embeddings + lm_head (bf16)", counts.not_quantized * 2, "left unquantized"),
+        ]
+    else:
+        items = _weight_items(shape, counts, "nf4", 2)
+        lora = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules, cfg.lora.train_merger)
+        items.append(Item("LoRA adapter (fp32)", lora * LORA_PARAM_BYTES, f"r={cfg.lora.r}"))
+    kv = batch * context * shape.num_layers * 2 * shape.kv_dim * 2
+    items.append(
+        Item("KV cache (bf16)", kv, f"{batch} x ({prompt} + {cfg.eval.max_new_tokens}) tokens", "held")
+    )
+    prefill = batch * prompt * (3 * shape.intermediate_size + shape.hidden_size) * 2
+    items.append(Item("prefill of one layer", prefill, f"{batch} x {prompt} prompt tokens", "transient"))
+    if shape.vision is not None:
+        patches = batch * _patches_per_sample(cfg, shape)
+        items.append(
+            Item(
+                "vision tower forward",
+                vision_forward_bytes(shape, patches, 2, cfg.model.attn_implementation),
+                f"{patches} patches",
+                "transient",
+            )
+        )
+    items.append(
+        Item(
+            "CUDA context + fragmentation",
+            cfg.resources.vram_margin_gib * GIB,
+            "resources.vram_margin_gib",
+            "margin",
+        )
+    )
+    inputs = {
+        "batch_size": batch,
+        "prompt_tokens": prompt,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "weights": weights,
+    }
+    return _peak(f"eval, batch {batch} ({weights})", "gpu", items, inputs)
+
+
+def estimate_merge_memory(model: Any, cfg: Config | None = None) -> Estimate:
+    """Merging the adapter into the bf16 base, on `resources.merge_device` (RAM for cpu, VRAM for cuda):
+    the full model in bf16 (2 B/param: ~67 GB for 32B) + the fp32 adapter + one 5 GB shard being
+    written + the margin (ram_margin_gib or vram_margin_gib)."""
+    cfg = cfg or Config()
+    shape = ModelShape.from_config(model)
+    counts = count_parameters(shape)
+    lora = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules, cfg.lora.train_merger)
+    on_gpu = cfg.resources.merge_device == "cuda"
+    items = [
+        Item(
+            "base model (bf16)",
+            counts.total * 2,
+            f"{counts.total / 1e9:.2f} B params x 2 B = {counts.total * 2 / GB:.1f} GB",
+        ),
+        Item("LoRA adapter (fp32)", lora * LORA_PARAM_BYTES, f"r={cfg.lora.r}"),
+    ]
+    if on_gpu:
+        items.append(
+            Item(
+                "CUDA context + fragmentation",
+                cfg.resources.vram_margin_gib * GIB,
+                "resources.vram_margin_gib",
+                "margin",
+            )
+        )
+    else:
+        items.append(Item("save buffer", SHARD_BYTES, "one 5 GB safetensors shard", "transient"))
+        items.append(
+            Item(
+                "process + OS margin",
+                cfg.resources.ram_margin_gib * GIB,
+                "resources.ram_margin_gib",
+                "margin",
+            )
+        )
+    return _peak(
+        f"merge on {cfg.resources.merge_device}",
+        "gpu" if on_gpu else "ram",
+        items,
+        {"merge_device": cfg.resources.merge_device},
+    )
+
+
+def calibration_tokens(cfg: Config, shape: ModelShape | None = None) -> int:
+    """Tokens of one calibration sample: a DeepPCB sample, cut at quantize.max_seq_length."""
+    return min(sample_tokens(cfg, shape), cfg.quantize.max_seq_length)
+
+
+def estimate_quantize_vram(
+    model: Any, cfg: Config | None = None, *, num_samples: int | None = None
+) -> Estimate:
+    """GPU memory of llm-compressor's AWQ, which runs the model layer by layer (the bf16 model itself
+    is offloaded to CPU RAM, see `estimate_ram`).
+
+    On the GPU: the largest subgraph's weights in bf16 (one decoder layer, or the vision tower with the
+    embeddings, which run before the first layer); AWQ's cached inputs of each smoothed module for all
+    calibration samples (not offloaded by default: N x T x (2 x hidden + q width + intermediate) x 2 B);
+    AWQ's reference outputs of one module (N x T x hidden x 2 B, transient); the margin.
+    """
+    cfg = cfg or Config()
+    shape = ModelShape.from_config(model)
+    counts = count_parameters(shape)
+    n = num_samples if num_samples is not None else cfg.quantize.num_calibration_samples
+    t = calibration_tokens(cfg, shape)
+    layer = (counts.lm_linears + counts.lm_norms) // shape.num_layers
+    first = counts.vision + counts.embed_tokens
+    items = [
+        Item("largest subgraph (bf16)", max(layer, first) * 2, "one decoder layer, or vision + embeddings"),
+        Item(
+            "AWQ cached module inputs",
+            n * t * (2 * shape.hidden_size + shape.q_dim + shape.intermediate_size) * 2,
+            f"{n} samples x {t} tokens",
+            "held",
+        ),
+        Item("AWQ reference outputs", n * t * shape.hidden_size * 2, "one module's outputs", "transient"),
+        Item(
+            "CUDA context + fragmentation",
+            cfg.resources.vram_margin_gib * GIB,
+            "resources.vram_margin_gib",
+            "margin",
+        ),
+    ]
+    return _peak(f"AWQ, {n} calibration samples", "gpu", items, {"num_calibration_samples": n, "tokens": t})
+
+
+def suggest_quantize_fit(model: Any, cfg: Config, free_bytes: float) -> str:
+    need = estimate_quantize_vram(model, cfg)
+    head = f"AWQ with {cfg.quantize.num_calibration_samples} samples needs ~{need.total_gib:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
+    n = cfg.quantize.num_calibration_samples // 2
+    while n >= 8:
+        if estimate_quantize_vram(model, cfg, num_samples=n).total_bytes <= free_bytes:
+            return f"{head}: quantize.num_calibration_samples={n} fits"
+        n //= 2
+    return f"{head}: nothing fits (use a larger GPU, or free it)"
+
+
+def suggest_eval_fit(model: Any, cfg: Config, free_bytes: float, weights: str) -> str:
+    need = estimate_eval_vram(model, cfg, weights=weights)
+    head = (
+        f"eval batch {cfg.eval.batch_size} needs ~{need.total_gib:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
+    )
+    for batch in range(cfg.eval.batch_size - 1, 0, -1):
+        if estimate_eval_vram(model, cfg, batch_size=batch, weights=weights).total_bytes <= free_bytes:
+            return f"{head}: eval.batch_size={batch} fits"
+    return f"{head}: nothing fits even at batch 1 (use a larger GPU, or free it)"
+
+
+def estimate_ram(job: str, model: Any | None, cfg: Config) -> Estimate:
+    """CPU RAM of a job (`model` None: the shape is unknown and only the fixed terms count).
+
+    train/eval: one safetensors shard while loading (weights go to the GPU; not counted while the shape
+    is unknown), a DataLoader worker each
+    (`WORKER_RAM_BYTES`, train only), the margin. merge on cpu: see `estimate_merge_memory`. quantize:
+    the whole bf16 model (llm-compressor keeps it in RAM and moves one layer at a time to the GPU) plus
+    the layer-to-layer activations of all calibration samples, offloaded to the CPU.
+    """
+    margin = Item(
+        "process + OS margin", cfg.resources.ram_margin_gib * GIB, "resources.ram_margin_gib", "margin"
+    )
+    if job == "merge" and cfg.resources.merge_device == "cpu" and model is not None:
+        return estimate_merge_memory(model, cfg)
+    counts = count_parameters(model) if model is not None else None
+    items: list[Item] = []
+    if job == "quantize" and counts is not None:
+        shape = ModelShape.from_config(model)
+        n, t = cfg.quantize.num_calibration_samples, calibration_tokens(cfg, shape)
+        items += [
+            Item(
+                "merged model (bf16)",
+                counts.total * 2,
+                f"{counts.total / 1e9:.2f} B params x 2 B = {counts.total * 2 / GB:.1f} GB",
+            ),
+            Item("offloaded layer activations", n * t * shape.hidden_size * 2, f"{n} samples x {t} tokens"),
+        ]
+    else:
+        if counts is not None:
+            shard = min(SHARD_BYTES, counts.total * 2)
+            items.append(Item("loading buffer", shard, "one safetensors shard (at most 5 GB)", "transient"))
+        if job == "train" and cfg.train.num_workers:
+            items.append(
+                Item(
+                    "DataLoader workers",
+                    cfg.train.num_workers * WORKER_RAM_BYTES,
+                    f"{cfg.train.num_workers} x 1 GiB",
+                )
+            )
+    items.append(margin)
+    return _peak(f"{job} RAM", "ram", items, {})
+
+
+@dataclass(frozen=True)
+class ArtifactSizes:
+    """Bytes on disk of what the pipeline downloads and writes."""
+
+    base_download: float  # the bf16 safetensors of the base model (2 B/param)
+    checkpoint: float  # one Trainer checkpoint: fp32 adapter + AdamW moments
+    adapter: float  # the final adapter (fp32)
+    merged: float  # the merged bf16 model
+    quantized: float  # W4A16 decoder linears + bf16 rest
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v / GIB, 2) for k, v in self.__dict__.items()}
+
+
+def artifact_sizes(model: Any, cfg: Config) -> ArtifactSizes:
+    shape = ModelShape.from_config(model)
+    counts = count_parameters(shape)
+    lora = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules, cfg.lora.train_merger)
+    bits = 4 + 16 / cfg.quantize.group_size
+    return ArtifactSizes(
+        base_download=counts.total * 2,
+        checkpoint=lora * (LORA_PARAM_BYTES + ADAM_STATE_BYTES),
+        adapter=lora * LORA_PARAM_BYTES,
+        merged=counts.total * 2,
+        quantized=counts.lm_linears * bits / 8 + counts.not_quantized * 2,
+    )

@@ -1,0 +1,293 @@
+"""The architecture of Qwen3-VL, as numbers: the 32B shape built in code, and parameter counts per part.
+
+The preflight memory estimate and the GPU benchmark both need the model's shape. The real config.json is
+used where it is on disk (a local folder or the Hugging Face cache); when it is not (a fresh machine,
+offline), `qwen3_vl_32b_config()` gives the Qwen3-VL-32B-Instruct architecture without a download.
+
+`ModelShape` is a plain description read from a `transformers.Qwen3VLConfig`, a config.json dict or
+another `ModelShape`; `count_parameters(shape)` counts the parameters of each part by arithmetic
+(`count_parameters_meta` instantiates the model on the meta device, to check the arithmetic). Importing
+this module does not import torch or transformers; only `qwen3_vl_32b_config` and
+`count_parameters_meta` do.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QWEN3_VL_32B_ID = "Qwen/Qwen3-VL-32B-Instruct"
+
+# Qwen/Qwen3-VL-32B-Instruct config.json, in the transformers 5 spelling (rope_parameters).
+QWEN3_VL_32B_TEXT: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 5120,
+    "intermediate_size": 25600,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+QWEN3_VL_32B_VISION: dict[str, Any] = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_heads": 16,
+    "in_channels": 3,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 5120,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [8, 16, 24],
+    "hidden_act": "gelu_pytorch_tanh",
+}
+QWEN3_VL_32B_TOP: dict[str, Any] = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+}
+# 33,357,390,064: what the meta-device instantiation of the shape above counts (tests check both).
+QWEN3_VL_32B_PARAMS = 33_357_390_064
+
+_QWEN3_VL_32B_NAME = re.compile(r"(^|/)qwen3-vl-32b-(instruct|thinking)$", re.IGNORECASE)
+
+
+def is_qwen3_vl_32b(name_or_path: str) -> bool:
+    """True for the Qwen3-VL-32B hub ids (Instruct, Thinking) whose shape `qwen3_vl_32b_config` holds."""
+    return bool(_QWEN3_VL_32B_NAME.search(name_or_path.strip().rstrip("/")))
+
+
+def qwen3_vl_32b_dict() -> dict[str, Any]:
+    """The 32B architecture as a config.json-like dict (no transformers import)."""
+    return {
+        "model_type": "qwen3_vl",
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        **QWEN3_VL_32B_TOP,
+        "text_config": {"model_type": "qwen3_vl_text", **QWEN3_VL_32B_TEXT},
+        "vision_config": {"model_type": "qwen3_vl_vision", **QWEN3_VL_32B_VISION},
+    }
+
+
+def qwen3_vl_32b_config(**text_overrides: Any):
+    """`transformers.Qwen3VLConfig` of Qwen3-VL-32B-Instruct; `text_overrides` change text-config keys
+    (e.g. `num_hidden_layers=2` for a cut-down benchmark model of the same width)."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config={**QWEN3_VL_32B_TEXT, **text_overrides},
+        vision_config=dict(QWEN3_VL_32B_VISION),
+        **QWEN3_VL_32B_TOP,
+    )
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    num_deepstack: int
+
+    @property
+    def merged_size(self) -> int:
+        """Width of the vision->text merger's input: 2x2 neighbouring patches concatenated."""
+        return self.hidden_size * self.spatial_merge_size**2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a Qwen3-VL (or text-only Qwen3) architecture that memory and size depend on."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    vision: VisionShape | None = field(default=None)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def decoder_linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear in one language-model decoder layer, by module name."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def merger_linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of the vision->text merger's linears (`model.visual.merger.linear_fc1/2`)."""
+        if self.vision is None:
+            return {}
+        m = self.vision.merged_size
+        return {"linear_fc1": (m, m), "linear_fc2": (m, self.vision.out_hidden_size)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a ModelShape, a `transformers` config object or a config.json dict (transformers 4 or 5
+        spelling; a composite Qwen3-VL config or a text-only one)."""
+        if isinstance(config, ModelShape):
+            return config
+        if not isinstance(config, Mapping):
+            to_dict = getattr(config, "to_dict", None)
+            if to_dict is None:
+                raise TypeError(f"cannot read a model shape from {type(config).__name__}")
+            config = to_dict()
+        text = config.get("text_config") or config
+        vision_cfg = config.get("vision_config")
+        try:
+            hidden = int(text["hidden_size"])
+            heads = int(text["num_attention_heads"])
+            vision = None
+            if vision_cfg:
+                vision = VisionShape(
+                    depth=int(vision_cfg["depth"]),
+                    hidden_size=int(vision_cfg["hidden_size"]),
+                    intermediate_size=int(vision_cfg["intermediate_size"]),
+                    num_heads=int(vision_cfg.get("num_heads", vision_cfg.get("num_attention_heads", 16))),
+                    in_channels=int(vision_cfg.get("in_channels", 3)),
+                    patch_size=int(vision_cfg.get("patch_size", 16)),
+                    spatial_merge_size=int(vision_cfg.get("spatial_merge_size", 2)),
+                    temporal_patch_size=int(vision_cfg.get("temporal_patch_size", 2)),
+                    out_hidden_size=int(vision_cfg.get("out_hidden_size", hidden)),
+                    num_position_embeddings=int(vision_cfg.get("num_position_embeddings", 2304)),
+                    num_deepstack=len(vision_cfg.get("deepstack_visual_indexes") or ()),
+                )
+            tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+            return cls(
+                vocab_size=int(text["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(text["intermediate_size"]),
+                num_layers=int(text["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(text.get("num_key_value_heads") or heads),
+                head_dim=int(text.get("head_dim") or hidden // heads),
+                tie_word_embeddings=bool(tie),
+                attention_bias=bool(text.get("attention_bias", False)),
+                vision=vision,
+            )
+        except KeyError as err:
+            raise ValueError(f"model config has no {err.args[0]!r}: not a Qwen3-VL config") from None
+
+
+def qwen3_vl_32b_shape() -> ModelShape:
+    return ModelShape.from_config(qwen3_vl_32b_dict())
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters per part, named after the module paths of `Qwen3VLForConditionalGeneration`."""
+
+    lm_linears: int  # model.language_model.layers.*.{self_attn,mlp}.*_proj: what NF4 quantizes
+    lm_norms: int  # the decoder's RMSNorms (input, post-attention, q_norm, k_norm, final norm)
+    embed_tokens: int  # model.language_model.embed_tokens
+    lm_head: int  # 0 when tied to the embeddings
+    vision: int  # model.visual.* (patch embed, blocks, merger, deepstack mergers)
+
+    @property
+    def total(self) -> int:
+        return self.lm_linears + self.lm_norms + self.embed_tokens + self.lm_head + self.vision
+
+    @property
+    def not_quantized(self) -> int:
+        """What stays in bf16 under QLoRA and AWQ: everything but the decoder linears."""
+        return self.total - self.lm_linears
+
+
+def count_parameters(model: Any) -> ParamCounts:
+    """Parameter counts per part by arithmetic (ModelShape, transformers config or config.json dict)."""
+    s = ModelShape.from_config(model)
+    per_layer = 0
+    for name, (fan_in, fan_out) in s.decoder_linears().items():
+        bias = fan_out if s.attention_bias and name in ("q_proj", "k_proj", "v_proj", "o_proj") else 0
+        per_layer += fan_in * fan_out + bias
+    norms = s.num_layers * (2 * s.hidden_size + 2 * s.head_dim) + s.hidden_size
+    embed = s.vocab_size * s.hidden_size
+    vision = 0
+    if s.vision is not None:
+        v = s.vision
+        h, i, m = v.hidden_size, v.intermediate_size, v.merged_size
+        patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h + h
+        pos_embed = v.num_position_embeddings * h
+        # Block: two LayerNorms (weight + bias), qkv and proj with bias, a 2-layer MLP with bias.
+        block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
+        merger_linears = (m * m + m) + (m * v.out_hidden_size + v.out_hidden_size)
+        merger = 2 * h + merger_linears  # LayerNorm over one patch, before the 2x2 shuffle
+        deepstack = v.num_deepstack * (2 * m + merger_linears)  # LayerNorm after the shuffle
+        vision = patch_embed + pos_embed + v.depth * block + merger + deepstack
+    return ParamCounts(
+        lm_linears=s.num_layers * per_layer,
+        lm_norms=norms,
+        embed_tokens=embed,
+        lm_head=0 if s.tie_word_embeddings else embed,
+        vision=vision,
+    )
+
+
+def count_parameters_meta(config: Any) -> ParamCounts:
+    """The same counts by instantiating `Qwen3VLForConditionalGeneration` on the meta device (no memory,
+    a few seconds for the 32B shape): the ground truth the arithmetic is tested against."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if not isinstance(config, Qwen3VLConfig):
+        raise TypeError(
+            f"count_parameters_meta needs a transformers Qwen3VLConfig, got {type(config).__name__}"
+        )
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    parts = {"lm_linears": 0, "lm_norms": 0, "embed_tokens": 0, "lm_head": 0, "vision": 0}
+    for name, param in model.named_parameters():
+        n = param.numel()
+        if name.startswith("model.visual."):
+            parts["vision"] += n
+        elif name.startswith("lm_head."):
+            parts["lm_head"] += n
+        elif name.startswith("model.language_model.embed_tokens."):
+            parts["embed_tokens"] += n
+        elif re.search(r"\.(self_attn|mlp)\.\w+_proj\.", name):
+            parts["lm_linears"] += n
+        else:
+            parts["lm_norms"] += n
+    return ParamCounts(**parts)
