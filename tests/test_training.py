@@ -277,3 +277,31 @@ def test_multi_process_training_on_cpu_with_gloo(tiny_model_dir, tiny_data_dir, 
     state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert state["num_input_tokens_seen"] > 0
+
+
+def test_answer_only_logits_give_the_same_loss_and_gradients(cfg, processor, tiny_data_dir):
+    """The speed/memory lever changes no math: loss and LoRA gradients equal the full-logits ones."""
+    from pcbvlm.collator import keep_answer_logits
+
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(cfg), cfg)
+    for module in model.modules():  # non-zero B so that gradients reach A too
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.02)
+    batch = TrainCollator(processor)(load_samples(tiny_data_dir, "train")[:3])
+    sliced = keep_answer_logits(batch)
+    assert sliced["logits_to_keep"] < batch["input_ids"].shape[1]
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = model(**batch).loss
+    full_grads = torch.autograd.grad(full, params)
+    out = model(**sliced)
+    part_grads = torch.autograd.grad(out.loss, params)
+    assert out.logits.shape[1] == sliced["logits_to_keep"]
+    torch.testing.assert_close(out.loss, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(part_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # with a normaliser from gradient accumulation (num_items_in_batch), too
+    n = torch.tensor(50)
+    torch.testing.assert_close(
+        model(**sliced, num_items_in_batch=n).loss, model(**batch, num_items_in_batch=n).loss
+    )

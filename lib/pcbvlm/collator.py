@@ -104,3 +104,21 @@ class TrainCollator:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
         return batch
+
+
+def keep_answer_logits(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same batch, asking the model for logits only from the position before the first answer token on.
+
+    The loss needs logits only where a label follows; the prompt (image and instructions, ~80% of a
+    DeepPCB sample's tokens) needs none. `logits_to_keep=k` makes the model apply `lm_head` to the last k
+    positions only, and the labels are cut to the same positions, so the loss (including its shift by one
+    and the normalisation by the number of answer tokens) is exactly the full one, while the logits, the
+    largest single buffer of a training step (tokens x 151936 x 4 bytes), shrink to a fraction.
+    """
+    labels = batch["labels"]
+    learned = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if learned.numel() == 0:
+        return batch
+    first = int(learned[0])
+    keep = labels.shape[1] - max(first - 1, 0)
+    return {**batch, "labels": labels[:, -keep:], "logits_to_keep": keep}

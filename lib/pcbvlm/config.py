@@ -95,8 +95,8 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: float = Field(3.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
-    micro_batch: int = Field(8, gt=0)
-    grad_accum: int = Field(2, gt=0)
+    micro_batch: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
     gradient_checkpointing: bool = True
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
@@ -121,7 +121,7 @@ class QuantizeConfig(Section):
 
 class EvalConfig(Section):
     split: Literal["train", "val", "test"] = "test"
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(512, gt=0)
     worst_n: int = Field(8, ge=0)
     limit: int = Field(0, ge=0)  # evaluate only the first N samples (0 = all)

@@ -94,6 +94,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    make_readable(tmp)
     if target.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +105,17 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def make_readable(root: str | Path) -> None:
+    """Give files the permissions the umask allows: some writers (safetensors through transformers and
+    peft) create 0600 files, which another user of a shared volume or the host user of a container's
+    output could not read."""
+    mode_files, mode_dirs = 0o666 & ~_umask(), 0o777 & ~_umask()
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, mode_dirs)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), mode_files)
 
 
 def is_partial(path: str | Path) -> bool:

@@ -376,6 +376,19 @@ class TrainResult:
 # The job
 
 
+def answer_logits_trainer():
+    """transformers' Trainer computing logits only where the loss needs them (see keep_answer_logits)."""
+    from transformers import Trainer
+
+    from pcbvlm.collator import keep_answer_logits
+
+    class AnswerLogitsTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, keep_answer_logits(inputs), return_outputs, num_items_in_batch)
+
+    return AnswerLogitsTrainer
+
+
 def deepspeed_zero_stage() -> int | None:
     """ZeRO stage when launched by accelerate with a DeepSpeed config, else None."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -434,7 +447,7 @@ def build_training_arguments(cfg: Config, run_dir: Path, dtype: torch.dtype, dev
 
 def train(cfg: Config, resume: str = "auto") -> TrainResult:
     from accelerate import PartialState
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from pcbvlm.collator import TrainCollator
     from pcbvlm.deeppcb import load_samples
@@ -525,7 +538,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * state.num_processes
     metrics = MetricsCallback(run_dir / "metrics.jsonl", samples_per_step, is_main, resume_step)
     guard = DiskGuardCallback(run_dir, cfg.train.disk_reserve_gb)
-    trainer = Trainer(
+    trainer = answer_logits_trainer()(
         model=model,
         args=args,
         train_dataset=train_ds,
