@@ -1,0 +1,451 @@
+"""`make merge`: fold a trained LoRA adapter into the unquantized base and write a plain model folder.
+
+The base is loaded without quantization (bf16; fp32 where `train.precision` says so, as in the tiny
+config), the adapter (the newest finished run, or `--adapter`) is applied with peft, `merge_and_unload`
+adds B @ A * alpha / r to every targeted weight, and the result is saved as sharded safetensors with the
+processor files (tokenizer + chat template, image processor) and the generation config. A QLoRA adapter
+is merged into the bf16 base, never into 4-bit weights: rounding W + dW back to NF4 or int4 loses most of
+dW, so a base folder whose config carries a `quantization_config` is refused.
+
+Before the folder is published it is verified: the saved model is loaded back and its logits on a few
+validation samples (the full training chat, batched by `TrainCollator`) are compared with the unmerged
+base + adapter. The comparison is `max |logit difference| / max |logit|` over every attended position;
+see `MERGE_TOLERANCE`. The folder is built as `<out>.partial-<pid>` and renamed when complete
+(`pcbvlm.io.atomic_directory`), with `merge.json` (adapter, base, dtype, differences, tolerance, time,
+size) inside it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcbvlm.config import Config
+from pcbvlm.errors import DataError, UserError
+from pcbvlm.io import PARTIAL_MARK, atomic_directory, atomic_write_json, is_partial
+
+log = logging.getLogger(__name__)
+
+MERGED_DIR = "merged"
+MERGE_REPORT = "merge.json"
+# 5 GB shards: a 32B bf16 model is 14 files, each small enough to be written and loaded one at a time.
+MAX_SHARD_SIZE = "5GB"
+# Bound on max |merged logits - (base + adapter) logits| / max |base + adapter logits|, by the dtype the
+# merge ran in. In fp32 both paths compute the same sums in another order (x @ (W + s B A) against
+# x @ W + s (x @ A) @ B): measured 4e-7 (tiny model) and 2e-6 (a random 48-layer Qwen3-VL); 1e-4 leaves
+# room for depth. In bf16 every merged weight W + dW is rounded to 8 significant bits and both paths round
+# each matmul, so they differ like two bf16 implementations of one model: measured 8e-3 (tiny, 2 layers)
+# and 2.7e-2 (random, 48 layers, on an H200); the 32B's 64 layers were not measured. 0.1 still fails a
+# merge that lost or doubled the adapter (2.05 / 1.67 = 1.2 of the scale on the 48-layer model; a trained
+# adapter moves the answer logits by several units). fp16 keeps 11 significant bits, 8x finer than bf16.
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 2e-2}
+# Processor files of the base that are copied as they are, when present: the stock Qwen3VLProcessor that
+# vLLM builds (with torchvision) looks for its video processor settings here; this project never saves one.
+EXTRA_PROCESSOR_FILES = ("video_preprocessor_config.json",)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_adapter(cfg: Config, adapter: str | Path | None = None) -> Path:
+    """The adapter folder to merge: `adapter` (a run folder or its adapter/ folder), or the newest
+    finished run under `paths.runs_dir`."""
+    from pcbvlm.training import ADAPTER_DIR, newest_finished_run
+
+    if adapter is None:
+        run = newest_finished_run(Path(cfg.paths.runs_dir))
+        if run is None:
+            raise UserError(
+                f"no finished training run under {cfg.paths.runs_dir} (a run folder with {ADAPTER_DIR}/): "
+                "run `make train`, or give ADAPTER=path"
+            )
+        folder = run / ADAPTER_DIR
+    else:
+        given = Path(adapter)
+        if any(is_partial(part) for part in (given, *given.parents)):
+            raise UserError(
+                f"--adapter {given}: an unfinished folder (`{PARTIAL_MARK}*`, left by an interrupted job)"
+            )
+        if (given / "adapter_config.json").is_file():
+            folder = given
+        elif (given / ADAPTER_DIR / "adapter_config.json").is_file():
+            folder = given / ADAPTER_DIR
+        elif given.is_dir():
+            raise UserError(
+                f"--adapter {given}: neither an adapter folder (adapter_config.json) nor a finished run "
+                f"folder ({ADAPTER_DIR}/adapter_config.json)"
+            )
+        else:
+            raise UserError(f"--adapter {given}: no such folder")
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(f"{folder}: adapter_config.json but no adapter_model.safetensors")
+    try:
+        adapter_cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{folder / 'adapter_config.json'}: invalid JSON ({err.msg})") from None
+    if adapter_cfg.get("peft_type") != "LORA":
+        raise UserError(
+            f"{folder}: a {adapter_cfg.get('peft_type')} adapter; only LoRA adapters can be merged"
+        )
+    return folder
+
+
+def quantization_method(config) -> str | None:
+    """The `quant_method` of a model config (`bitsandbytes 4-bit`, `compressed-tensors`, ...), or None
+    for an unquantized model."""
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None:
+        return None
+    get = qcfg.get if isinstance(qcfg, dict) else lambda key, default=None: getattr(qcfg, key, default)
+    method = get("quant_method")
+    method = getattr(method, "value", method)  # transformers keeps it as an enum
+    if method == "bitsandbytes":
+        method = "bitsandbytes 4-bit" if get("load_in_4bit", False) else "bitsandbytes 8-bit"
+    return str(method or "unknown method")
+
+
+def load_model_config(name_or_path: str | Path, revision: str | None = None):
+    """A model's config (config.json of a local folder or the hub cache), without its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+
+
+def merge_device(cfg: Config) -> str:
+    device = cfg.resources.merge_device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "resources.merge_device: cuda, but no GPU is visible (merge on the CPU: merge_device=cpu)"
+        )
+    return device
+
+
+def merge_dtype(cfg: Config, device: str) -> torch.dtype:
+    """bf16 unless `train.precision` names another dtype. `auto` means bf16 here even on the CPU (where
+    training would use fp32): a 32B model in fp32 would need 130 GB of RAM, and bf16 is the base's own
+    dtype and what vLLM serves."""
+    choice = cfg.train.precision
+    if choice == "auto":
+        if device == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def verification_samples(cfg: Config, count: int) -> list[dict[str, Any]]:
+    """The first `count` samples of val.jsonl (train.jsonl when there is no validation split): the same
+    samples for every run, so reports stay comparable."""
+    from pcbvlm.deeppcb import load_samples
+
+    if count <= 0:
+        return []
+    data_dir = Path(cfg.paths.data_dir)
+    splits = [split for split in ("val", "train") if (data_dir / f"{split}.jsonl").is_file()]
+    rows = next((rows for rows in (load_samples(data_dir, split) for split in splits) if rows), [])
+    if not rows:
+        raise DataError(
+            f"{data_dir}: no val.jsonl or train.jsonl to verify on (run `make data`, or set quantize.verify_samples=0)"
+        )
+    return rows[:count]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Logits
+
+
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """A TrainCollator batch without labels, on `device`, pixels in the model's dtype."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+@torch.no_grad()
+def attended_logits(
+    model, batch: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Teacher-forced logits at every attended position, [tokens, vocab] in fp32 on the CPU."""
+    logits = model(**model_inputs(batch, device, dtype)).logits
+    mask = batch["attention_mask"].bool().to(logits.device)
+    return logits[mask].float().cpu()
+
+
+def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """How far `other` is from `reference` (both [tokens, vocab]): max and mean |difference|, the max
+    relative to the reference's largest |logit|, the RMS relative to the reference's RMS, and the share
+    of positions whose top-1 token is the same."""
+    diff = (other - reference).abs()
+    scale = reference.abs().max().item()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "logit_scale": scale,
+        "rel_max_diff": diff.max().item() / scale if scale > 0 else float("inf"),
+        "rel_rms_diff": (diff.square().mean().sqrt() / reference.square().mean().sqrt()).item(),
+        "top1_agreement": (other.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# Output folders
+
+
+def folder_size(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def leftover_partials(target: Path) -> list[Path]:
+    """`<target>.partial-*` folders of other processes: what an interrupted job left (safe to delete
+    once that job is gone; never read as a result)."""
+    own = f"{target.name}{PARTIAL_MARK}{os.getpid()}"
+    return sorted(p for p in target.parent.glob(f"{target.name}{PARTIAL_MARK}*") if p.name != own)
+
+
+def save_processor(
+    processor, out: Path, source: str | Path | None = None, revision: str | None = None
+) -> None:
+    """Save the tokenizer (with its chat template) and the image processor part by part, the layout of a
+    hub folder that `pcbvlm.processing.load_processor` reads back; copy `EXTRA_PROCESSOR_FILES` from
+    `source` (a folder or hub id) when it has them."""
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    if source is None:
+        return
+    for name in EXTRA_PROCESSOR_FILES:
+        found = _model_file(source, name, revision)
+        if found is not None:
+            shutil.copyfile(found, out / name)
+
+
+def _model_file(name_or_path: str | Path, filename: str, revision: str | None) -> Path | None:
+    local = Path(name_or_path) / filename
+    if local.is_file():
+        return local
+    if Path(name_or_path).exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(name_or_path), filename, revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    adapter: Path
+    base: str
+    dtype: str
+    device: str
+    verified: bool
+    samples: int
+    tolerance: float | None
+    diff: dict[str, float] = field(default_factory=dict)  # merged vs base + adapter
+    adapter_effect: dict[str, float] = field(default_factory=dict)  # base + adapter vs base alone
+    size_bytes: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out_dir=str(self.out_dir), adapter=str(self.adapter))
+        return out
+
+
+def merge_adapter(
+    cfg: Config, adapter: str | Path | None = None, out: str | Path | None = None
+) -> MergeResult:
+    """Merge `adapter` (default: the newest finished run) into the unquantized base
+    `cfg.model.name_or_path`, verify the merged logits, and publish `out` (default
+    `<paths.outputs_dir>/merged`) atomically. Raises UserError before writing anything when the base is
+    quantized or an input is missing, and when the verification fails (nothing is published then)."""
+    from peft import PeftModel
+
+    from pcbvlm.collator import TrainCollator
+    from pcbvlm.modeling import ensure_model_available, load_base_model
+    from pcbvlm.processing import load_processor
+
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    adapter_dir = resolve_adapter(cfg, adapter)
+    target = Path(out) if out is not None else Path(cfg.paths.outputs_dir) / MERGED_DIR
+    if is_partial(target):
+        raise UserError(f"--out {target}: `{PARTIAL_MARK}` names are reserved for unfinished folders")
+    base = ensure_model_available(cfg)
+    base_config = load_model_config(base, cfg.model.revision)
+    method = quantization_method(base_config)
+    if method is not None:
+        raise UserError(
+            f"model.name_or_path: {base} is quantized ({method}); merging LoRA into quantized weights rounds "
+            "the update away - point it at the unquantized (bf16) base model"
+        )
+    device = merge_device(cfg)
+    dtype = merge_dtype(cfg, device)
+    tolerance = MERGE_TOLERANCE[dtype]
+    samples = verification_samples(cfg, cfg.quantize.verify_samples)
+    adapter_base = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
+    if adapter_base and not _same_model(adapter_base, base):
+        log.warning(
+            "the adapter was trained on %s, merging it into %s (model.name_or_path)", adapter_base, base
+        )
+
+    processor = load_processor(base, cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.revision)
+    batch = TrainCollator(processor)(samples) if samples else None
+
+    tick = time.perf_counter()
+    model = load_base_model(cfg, quantization="none", device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    stages["load_s"] = time.perf_counter() - tick
+
+    reference = None
+    effect: dict[str, float] = {}
+    if batch is not None:
+        tick = time.perf_counter()
+        reference = attended_logits(model, batch, device, dtype)
+        with model.disable_adapter():
+            effect = compare_logits(reference, attended_logits(model, batch, device, dtype))
+        stages["reference_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    merged = model.merge_and_unload()
+    del model
+    # load_base_model switches the KV cache off for training (a top-level `use_cache: false`); the
+    # published config is the base's.
+    if "use_cache" in base_config.to_dict():
+        merged.config.use_cache = base_config.use_cache
+    elif "use_cache" in merged.config.to_dict():
+        del merged.config.use_cache
+    stages["merge_s"] = time.perf_counter() - tick
+
+    with atomic_directory(target, overwrite=True) as tmp:
+        tick = time.perf_counter()
+        merged.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        save_processor(processor, tmp, base, cfg.model.revision)
+        stages["save_s"] = time.perf_counter() - tick
+        del merged
+        free_memory()
+
+        diff: dict[str, float] = {}
+        if batch is not None and reference is not None:
+            # The saved files are what is verified: loaded back like any later job will load them.
+            tick = time.perf_counter()
+            check_cfg = cfg.model_copy(deep=True)
+            check_cfg.model.name_or_path = str(tmp)
+            check_cfg.model.revision = None
+            check_cfg.model.build_tiny_if_missing = False
+            reloaded = load_base_model(check_cfg, quantization="none", device=device, dtype=dtype).eval()
+            diff = compare_logits(reference, attended_logits(reloaded, batch, device, dtype))
+            del reloaded
+            free_memory()
+            stages["verify_s"] = time.perf_counter() - tick
+            if not diff["rel_max_diff"] <= tolerance:
+                raise UserError(
+                    f"merge verification failed: max |logit difference| {diff['max_abs_diff']:.4g} is "
+                    f"{diff['rel_max_diff']:.3g} of the logit scale, above the {tolerance:g} allowed for "
+                    f"{_dtype_name(dtype)}; nothing was written to {target}"
+                )
+        result = MergeResult(
+            out_dir=target,
+            adapter=adapter_dir,
+            base=str(base),
+            dtype=_dtype_name(dtype),
+            device=device,
+            verified=bool(diff),
+            samples=len(samples),
+            tolerance=tolerance if diff else None,
+            diff=diff,
+            adapter_effect=effect,
+            size_bytes=folder_size(tmp),
+            seconds=time.perf_counter() - started,
+            stages={k: round(v, 3) for k, v in stages.items()},
+            leftovers=[str(p) for p in leftover_partials(target)],
+        )
+        report = result.report()
+        report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        report["adapter_base"] = adapter_base
+        atomic_write_json(tmp / MERGE_REPORT, report)
+    return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def print_summary(result: MergeResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = "verified" if result.verified else "NOT verified (quantize.verify_samples=0)"
+    table = Table(title=f"merge: {title}", show_header=False)
+    rows = [
+        ("merged model", str(result.out_dir)),
+        ("adapter", str(result.adapter)),
+        ("base", result.base),
+        ("dtype / device", f"{result.dtype} / {result.device}"),
+        ("size on disk", format_size(result.size_bytes)),
+        (
+            "time",
+            f"{result.seconds:.1f} s ("
+            + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in result.stages.items())
+            + ")",
+        ),
+    ]
+    if result.verified:
+        d, e = result.diff, result.adapter_effect
+        rows += [
+            ("samples checked", str(result.samples)),
+            (
+                "merged vs base+adapter",
+                f"max |dlogit| {d['max_abs_diff']:.3g} = {d['rel_max_diff']:.2e} of scale {d['logit_scale']:.3g} "
+                f"(tolerance {result.tolerance:g}); mean {d['mean_abs_diff']:.3g}; top-1 agree {d['top1_agreement']:.1%}",
+            ),
+            (
+                "adapter effect",
+                f"max |dlogit| {e['max_abs_diff']:.3g}, mean {e['mean_abs_diff']:.3g} (base+adapter vs base)",
+            ),
+        ]
+    for path in result.leftovers:
+        rows.append(("leftover", f"{path} (from an interrupted run; delete it)"))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(highlight=False).print(table)
