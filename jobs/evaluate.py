@@ -17,7 +17,6 @@ from typing import Any
 
 from pcbvlm.cli import config_from_args, make_parser, run_job
 from pcbvlm.config import Config, write_resolved
-from pcbvlm.errors import UserError
 from pcbvlm.evaluate import (
     SPLITS,
     load_samples,
@@ -27,27 +26,12 @@ from pcbvlm.evaluate import (
 )
 from pcbvlm.io import atomic_write_jsonl
 
-# --model shortcuts for the folders the merge and quantize jobs write under paths.outputs_dir.
-MODEL_SHORTCUTS = ("merged", "quantized")
-
-
-def _model_path(cfg: Config, model: str | None) -> str:
-    if model is None:
-        return cfg.model.name_or_path
-    if model in MODEL_SHORTCUTS:
-        return str(cfg.paths.outputs_dir / model)
-    return model
-
 
 def _generate(
     cfg: Config, model_path: str, samples: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], float]:
-    try:
-        from pcbvlm.generate import generate_predictions
-    except ModuleNotFoundError as err:
-        if err.name != "pcbvlm.generate":  # generate exists but lacks a dependency: show the real cause
-            raise
-        raise UserError("model evaluation needs pcbvlm.generate (not yet available)") from None
+    from pcbvlm.generate import generate_predictions
+
     predictions, images_per_s = generate_predictions(
         cfg, model_path, samples, cfg.eval.batch_size, cfg.eval.max_new_tokens
     )
@@ -60,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--predictions", type=Path, help="score this predictions.jsonl instead of running a model"
     )
     parser.add_argument(
-        "--model", help="model folder or hub id, or merged / quantized (default: model.name_or_path)"
+        "--model",
+        help="a run, adapter, merged or quantized folder, a hub id, or a shortcut: run (newest finished run), merged, quantized, base, auto (default: quantized, else merged, else the newest run, else the base)",
     )
     parser.add_argument("--data-dir", type=Path, help="converted data folder (default: paths.data_dir)")
     parser.add_argument("--split", choices=SPLITS, help="split to evaluate (default: eval.split)")
@@ -98,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or args.predictions.parent
         run["predictions"] = str(args.predictions)
     else:
-        model_path = _model_path(cfg, args.model)
+        from pcbvlm.generate import resolve_model_ref
+
+        model_path = resolve_model_ref(cfg, args.model)
+        print(f"evaluating {model_path}", flush=True)
         out = args.out or cfg.paths.outputs_dir / "eval" / f"{Path(model_path).name}-{split}"
         predictions, images_per_s = _generate(cfg, model_path, samples)
         # Kept beside the report, so the run can be rescored later with --predictions.
