@@ -1,0 +1,57 @@
+"""GPU benchmark of Qwen3-VL-32B (random weights): training and generation speed and memory.
+
+make bench                                   # full run, results to bench/results/<date>-<gpu>.json
+python jobs/bench.py --layers 2 --steps 1    # a smoke run of a 2-layer cut of the same width
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pcbvlm.cli import make_parser, run_job
+from pcbvlm.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    parser = make_parser("bench", __doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-<gpu>.json)")
+    parser.add_argument("--cap-gib", type=float, default=80.0, help="memory cap (80 = an A800 80 GB)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per training setting")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the 32B's 64)")
+    parser.add_argument("--parts", default="train,generate", help="train, generate or both (comma separated)")
+    parser.add_argument("--batches", default="1,32,128,192", help="generation batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=170, help="tokens generated per image (forced)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("the benchmark needs a CUDA GPU (it builds the 32B model on it)")
+    from pcbvlm.bench import markdown_table, run_benchmark
+
+    gpu = torch.cuda.get_device_name(0).replace(" ", "-")
+    out = args.out or ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{gpu}.json"
+    results = run_benchmark(
+        out,
+        parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
+        cap_gib=args.cap_gib,
+        steps=args.steps,
+        layers=args.layers,
+        generate_batches=tuple(int(b) for b in args.batches.split(",")),
+        new_tokens=args.new_tokens,
+    )
+    table = markdown_table(results)
+    (out.with_suffix(".md")).write_text(
+        f"`{' '.join(['python', 'jobs/bench.py', *sys.argv[1:]])}`\n\n{table}"
+    )
+    print(table)
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

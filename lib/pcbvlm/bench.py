@@ -1,0 +1,425 @@
+"""GPU benchmark of the real Qwen3-VL-32B shape with random weights: training and generation speed, memory.
+
+Speed and memory do not depend on weight values, so the model is built from its config
+(`pcbvlm.shapes.qwen3_vl_32b_config`) on the GPU in bf16, and the language model's decoder linears are
+quantized to NF4 + double quantization exactly as `from_pretrained(quantization_config=bnb_config())`
+would (vision tower and lm_head stay bf16). Everything after that is the project's own code: LoRA from
+`pcbvlm.modeling.apply_lora`, batches from `pcbvlm.collator.TrainCollator` (a synthetic 640x640 board
+with ~7 boxes: 400 visual tokens + prompt + ~170 answer tokens), the loss through `keep_answer_logits`,
+generation through `pcbvlm.generate.generate_batch`. The tokenizer is the tiny model's (Qwen's
+pre-tokenizer, digits one per token), so token counts match Qwen's closely; token ids differ, which does
+not change the cost.
+
+Every setting runs in the same process, one after another, on the same model, under a memory cap of
+`cap_gib` (80 GiB emulates an A800 80 GB). The naive baseline is the seed project's setup: micro-batch 1
+with gradient accumulation, peft's `prepare_model_for_kbit_training` (which upcasts every non-quantized
+weight to fp32), reentrant checkpointing, full logits, LoRA dropout 0.05.
+
+MFU = model FLOPs / (time x peak). Model FLOPs of one training sample (LoRA, frozen base):
+forward 2*N_lm*T_text + 2*N_vis*T_patch, backward 2*N_lm*T_text (input gradients only; no gradient
+through the frozen vision tower), LoRA weight gradients 2*N_lora*T_text, plus attention
+4*layers*T_text^2*heads*head_dim*3/2 (causal, forward + backward); the recomputation of checkpointing is
+not counted (it is overhead). Peak: the H200's dense bf16 rate, 989 TFLOP/s (datasheet).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+H200_PEAK_BF16 = 989e12
+
+
+@dataclass
+class Setting:
+    name: str
+    micro_batch: int
+    grad_accum: int = 1
+    lora_dropout: float = 0.05
+    answer_logits: bool = True
+    gradient_checkpointing: bool = True
+    naive: bool = False
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
+    """Replace the decoder linears of `model.model.language_model` by bitsandbytes NF4 layers (double
+    quantization, the settings of `pcbvlm.modeling.bnb_config`), one at a time; returns how many."""
+    import bitsandbytes as bnb
+
+    count = 0
+    language_model = model.model.language_model
+    for _, module in list(language_model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            weight = child.weight.data
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
+            ).to(weight.device)
+            setattr(module, child_name, layer)
+            del weight, child
+            count += 1
+        if count and count % 64 == 0:
+            torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
+    return count
+
+
+def build_random_model(config, dtype: torch.dtype = torch.bfloat16, quantize: bool = True):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            model = Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.use_cache = False
+    if quantize:
+        quantize_language_model_nf4(model, dtype)
+    return model
+
+
+def benchmark_processor(max_pixels: int = 409600):
+    """The tiny model's tokenizer with Qwen3-VL's image processing (16 px patches, 2x2 merge)."""
+    from pcbvlm.tiny import build_processor, build_tokenizer
+
+    processor = build_processor(build_tokenizer())
+    processor.image_processor.max_pixels = max_pixels
+    processor.image_processor.min_pixels = max_pixels // 4
+    processor.image_processor.size = {"shortest_edge": max_pixels // 4, "longest_edge": max_pixels}
+    return processor
+
+
+def benchmark_sample(workdir: Path, cfg, boxes: int = 7) -> dict[str, Any]:
+    """A DeepPCB-like training sample: a synthetic 640x640 board and an answer with `boxes` boxes."""
+    import numpy as np
+
+    from pcbvlm.deeppcb import build_messages
+    from pcbvlm.labels import LABELS
+    from pcbvlm.synth import generate_sample
+
+    synth = generate_sample(0, seed=0)
+    image = workdir / "bench_board.jpg"
+    synth.test.save(image, quality=95)
+    rng = np.random.default_rng(0)
+    objects = []
+    for i in range(boxes):
+        x, y = (int(v) for v in rng.integers(20, 560, size=2))
+        w, h = (int(v) for v in rng.integers(18, 80, size=2))
+        objects.append({"label": LABELS[i % len(LABELS)], "bbox": [x, y, x + w, y + h]})
+    sample = {"id": "bench", "image": str(image), "width": 640, "height": 640, "objects": objects}
+    sample["messages"] = build_messages(sample, cfg.data, with_answer=True)
+    return sample
+
+
+def model_flops_per_sample(counts, shape, text_tokens: int, patches: int, lora_params: int) -> float:
+    attention = 4 * shape.num_layers * text_tokens**2 * shape.num_heads * shape.head_dim * 3 / 2
+    language_model = counts.lm_linears + counts.lm_head  # embeddings and norms do no matmul work
+    return (
+        4 * language_model * text_tokens
+        + 2 * counts.vision * patches
+        + 2 * lora_params * text_tokens
+        + attention
+    )
+
+
+def _upcast_non_quantized(model) -> None:
+    """What peft's prepare_model_for_kbit_training does to a bnb model: fp16/bf16 weights -> fp32."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+
+
+def _downcast(model, dtype: torch.dtype) -> None:
+    for param in model.parameters():
+        if param.dtype == torch.float32 and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
+def time_training(model, cfg, processor, sample, setting: Setting, steps: int, log: Callable[[str], None]):
+    """Seconds per sample, tokens/s and peak memory of `steps` optimizer steps after one warm-up step."""
+    from pcbvlm.collator import TrainCollator, keep_answer_logits
+    from pcbvlm.modeling import apply_lora
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.lora.dropout = setting.lora_dropout
+    if setting.naive:
+        _upcast_non_quantized(model)  # also enables (reentrant) gradient checkpointing
+        peft_model = apply_lora(model, cfg, gradient_checkpointing=False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        peft_model = apply_lora(model, cfg, gradient_checkpointing=setting.gradient_checkpointing)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    lora_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    batch = TrainCollator(processor)([sample] * setting.micro_batch)
+    tokens_per_sample = int(batch["attention_mask"][0].sum())
+    answer_tokens = int((batch["labels"][0] != -100).sum())
+    batch = {k: v.to("cuda") for k, v in batch.items()}
+    if setting.answer_logits:
+        batch = keep_answer_logits(batch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step() -> float:
+        loss_value = 0.0
+        for _ in range(setting.grad_accum):
+            with autocast:
+                loss = peft_model(**batch).loss / setting.grad_accum
+            loss.backward()
+            loss_value += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {
+        "setting": setting.__dict__,
+        "tokens_per_sample": tokens_per_sample,
+        "answer_tokens": answer_tokens,
+        "lora_parameters": lora_params,
+    }
+    try:
+        step()  # warm-up: kernels, allocator
+        _sync()
+        begin = time.perf_counter()
+        losses = [step() for _ in range(steps)]
+        _sync()
+        seconds = time.perf_counter() - begin
+        samples = steps * setting.micro_batch * setting.grad_accum
+        result.update(
+            status="ok",
+            s_per_sample=round(seconds / samples, 4),
+            samples_per_s=round(samples / seconds, 3),
+            tokens_per_s=round(samples * tokens_per_sample / seconds, 1),
+            peak_gib=gib(torch.cuda.max_memory_allocated()),
+            loss=round(losses[-1], 4),
+        )
+    except torch.OutOfMemoryError:
+        result.update(status="out of memory under the cap", peak_gib=gib(torch.cuda.max_memory_allocated()))
+    finally:
+        optimizer.state.clear()  # free the AdamW state before the next setting
+        peft_model.unload()  # the same base model serves the next setting
+        if setting.naive:
+            _downcast(model, torch.bfloat16)
+        model.gradient_checkpointing_disable()
+        torch.cuda.empty_cache()
+    log(f"train {setting.name}: {result}")
+    return result
+
+
+def time_generation(model, processor, sample, batch_size: int, new_tokens: int, log: Callable[[str], None]):
+    from pcbvlm.generate import LoadedModel, generate_batch
+
+    model.eval()
+    model.config.use_cache = True
+    processor.tokenizer.padding_side = "left"
+    loaded = LoadedModel(model, processor, "nf4 (random weights)", "bench")
+    messages = [m for m in [sample["messages"][:-1]] * batch_size]
+    torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {"batch_size": batch_size, "new_tokens": new_tokens}
+    try:
+        generate_batch(loaded, messages[:1], 4, min_new_tokens=4)  # warm-up
+        _sync()
+        begin = time.perf_counter()
+        outputs = generate_batch(loaded, messages, new_tokens, min_new_tokens=new_tokens)
+        _sync()
+        seconds = time.perf_counter() - begin
+        generated = len(outputs[0][2])
+        result.update(
+            status="ok",
+            generated_tokens=generated,
+            s_per_image=round(seconds / batch_size, 4),
+            ms_per_token_step=round(1000 * seconds / max(generated, 1), 2),
+            peak_gib=gib(torch.cuda.max_memory_allocated()),
+        )
+    except torch.OutOfMemoryError:
+        result.update(status="out of memory under the cap", peak_gib=gib(torch.cuda.max_memory_allocated()))
+    torch.cuda.empty_cache()
+    log(f"generate batch {batch_size}: {result}")
+    return result
+
+
+def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
+    """The preflight's estimate of a measured training setting, and its error against the measured peak."""
+    from pcbvlm.preflight.estimate import estimate_train_vram
+
+    setting = result["setting"]
+    estimate = estimate_train_vram(
+        shape,
+        cfg,
+        micro_batch=setting["micro_batch"],
+        seq_len=result["tokens_per_sample"],
+        grad_accum=setting["grad_accum"],
+        precision="fp32" if setting["naive"] else "bf16",
+        logit_tokens=result["answer_tokens"] + 1 if setting["answer_logits"] else result["tokens_per_sample"],
+    )
+    result["preflight_estimate_gib"] = round(estimate.total_gib, 2)
+    result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)
+
+
+def run_benchmark(
+    out_path: Path,
+    parts: tuple[str, ...] = ("train", "generate"),
+    cap_gib: float = 80.0,
+    steps: int = 3,
+    layers: int | None = None,
+    train_settings: list[Setting] | None = None,
+    generate_batches: tuple[int, ...] = (1, 32, 128, 192),
+    new_tokens: int = 170,
+) -> dict[str, Any]:
+    from pcbvlm.config import load_config
+    from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "config" / "config.yaml")
+    processor = benchmark_processor(cfg.data.max_pixels)
+    tok = processor.tokenizer
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    config = qwen3_vl_32b_config(**overrides)
+    # The tiny tokenizer's ids for the special tokens the model looks for.
+    config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    shape = ModelShape.from_config(config)
+    counts = count_parameters(shape)
+
+    props = torch.cuda.get_device_properties(0)
+    begin = time.perf_counter()
+    model = build_random_model(config)
+    build_s = time.perf_counter() - begin
+    weights_gib = gib(torch.cuda.memory_allocated())
+    log(f"built {counts.total / 1e9:.2f} B parameters in {build_s:.0f} s; NF4 model {weights_gib} GiB")
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / props.total_memory))
+
+    work = out_path.parent
+    sample = benchmark_sample(work, cfg)
+    results: dict[str, Any] = {
+        "gpu": props.name,
+        "gpu_total_gib": gib(props.total_memory),
+        "cap_gib": cap_gib,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "parameters": counts.total,
+        "layers": shape.num_layers,
+        "nf4_model_gib": weights_gib,
+        "build_s": round(build_s, 1),
+        "note": "H200 (sm90): compute about 2.2x an A800's dense bf16 rate (989 vs 312 TFLOP/s), "
+        "memory bandwidth 4.8 vs 2.0 TB/s; the 80 GiB cap emulates the A800's memory, not its speed.",
+        "train": [],
+        "generate": [],
+    }
+
+    if "train" in parts:
+        settings = train_settings or [
+            Setting("configured (mb 16, answer logits, dropout 0.05)", 16),
+            Setting("mb 16, answer logits, dropout 0", 16, lora_dropout=0.0),
+            Setting("mb 32, answer logits, dropout 0", 32, lora_dropout=0.0),
+            Setting("mb 8, answer logits, dropout 0.05", 8),
+            Setting("mb 8, full logits, dropout 0.05", 8, answer_logits=False),
+            Setting(
+                "naive baseline (mb 1 x accum 8, fp32 upcast, full logits)",
+                1,
+                grad_accum=8,
+                answer_logits=False,
+                naive=True,
+            ),
+        ]
+        for setting in settings:
+            result = time_training(
+                model, cfg, processor, sample, setting, steps if not setting.naive else 1, log
+            )
+            if result.get("status") == "ok":
+                patches = 1600  # 640x640 / 16^2
+                text_tokens = result["tokens_per_sample"]
+                flops = model_flops_per_sample(counts, shape, text_tokens, patches, result["lora_parameters"])
+                result["model_tflops_per_sample"] = round(flops / 1e12, 2)
+                result["mfu"] = round(flops / result["s_per_sample"] / H200_PEAK_BF16, 4)
+                attach_estimate(result, shape, cfg)
+            results["train"].append(result)
+            _write(out_path, results)
+        ok = [r for r in results["train"] if r.get("status") == "ok"]
+        naive = next((r for r in ok if r["setting"]["naive"]), None)
+        if naive:
+            for r in ok:
+                r["speedup_vs_naive"] = round(naive["s_per_sample"] / r["s_per_sample"], 2)
+
+    if "generate" in parts:
+        for batch_size in generate_batches:
+            results["generate"].append(time_generation(model, processor, sample, batch_size, new_tokens, log))
+            _write(out_path, results)
+    _write(out_path, results)
+    return results
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    from pcbvlm.io import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, results)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"GPU: {results['gpu']} (capped at {results['cap_gib']} GiB), torch {results['torch']} (CUDA {results['cuda']}), "
+        f"{results['parameters'] / 1e9:.2f} B parameters, NF4 model {results['nf4_model_gib']} GiB.",
+        "",
+        "| training setting | s/sample | samples/s | tokens/s | MFU | peak GiB | preflight est. GiB | vs naive |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["train"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['setting']['name']} | {r['status']} | | | | {r.get('peak_gib')} | | |")
+            continue
+        lines.append(
+            f"| {r['setting']['name']} | {r['s_per_sample']} | {r['samples_per_s']} | {r['tokens_per_s']} | "
+            f"{r['mfu']:.1%} | {r['peak_gib']} | {r.get('preflight_estimate_gib')} ({r.get('estimate_error', 0):+.0%}) | "
+            f"{r.get('speedup_vs_naive', '-')}x |"
+        )
+    lines += [
+        "",
+        "| generation batch | new tokens | s/image | ms per token step | peak GiB |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["generate"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['batch_size']} | {r['status']} | | | {r.get('peak_gib')} |")
+            continue
+        lines.append(
+            f"| {r['batch_size']} | {r['generated_tokens']} | {r['s_per_image']} | {r['ms_per_token_step']} | {r['peak_gib']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_json(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2)
