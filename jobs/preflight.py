@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pcbvlm.cli import config_from_args, make_parser, run_job
+from pcbvlm.config import deep_merge
 from pcbvlm.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, UserError
 from pcbvlm.preflight import JOBS, Facts, measure_facts, run_checks
 from pcbvlm.preflight.report import failure_lines, make_console, print_report, write_report
@@ -33,16 +34,6 @@ class FactsFileError(UserError):
     """A --facts file that is not a valid set of facts: bad input, exit code 2."""
 
     exit_code = EXIT_BAD_INPUT
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def load_facts_file(path: Path) -> dict[str, Any]:
@@ -89,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overlay = load_facts_file(args.facts) if args.facts else {}
     _validate(overlay, args.facts)  # before measuring, which takes seconds
     measured = measure_facts(cfg, args.job, skip=set(overlay))
-    facts = _validate(_deep_merge(measured.model_dump(mode="json"), overlay), args.facts)
+    facts = _validate(deep_merge(measured.model_dump(mode="json"), overlay), args.facts)
 
     report = run_checks(cfg, args.job, facts, allow_cpu=args.allow_cpu)
     console = make_console()

@@ -200,14 +200,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_path = (path.parent / str(parent)).resolve()
     if parent_path in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
-    return _deep_merge(_read_yaml(parent_path, (*seen, path.resolve())), data)
+    return deep_merge(_read_yaml(parent_path, (*seen, path.resolve())), data)
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbvlm.errors import DataError
-from pcbvlm.io import atomic_write_json, atomic_write_text
+from pcbvlm.io import atomic_write_json, atomic_write_text, read_jsonl_lines
 from pcbvlm.labels import LABELS
 from pcbvlm.metrics import EvalImage, evaluate_detections
 from pcbvlm.parsing import parse_answer
@@ -32,26 +32,6 @@ from pcbvlm.report import SCORES_FROM_TOKENS, SCORES_NONE, compare_runs, write_r
 SPLITS = ("train", "val", "test")
 METRICS_FILE = "metrics.json"
 COMPARISON_FILE = "comparison.md"
-
-
-def _read_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; bad JSON names the file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:  # JSONDecodeError, or int()'s digit limit on an endless number
-                reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(":")[0]
-                raise DataError(f"{path} line {number}: invalid JSON ({reason})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    return rows
 
 
 def _is_number(value: Any) -> bool:
@@ -118,7 +98,7 @@ def load_samples(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
             f"{path}: split file not found (convert the data with `make data`, or give --data-dir)"
         )
     samples, seen = [], {}
-    for number, row in _read_lines(path):
+    for number, row in read_jsonl_lines(path):
         sample = _check_sample(row, f"{path} line {number}", path.parent)
         if sample["id"] in seen:
             raise DataError(
@@ -160,7 +140,7 @@ def read_predictions(path: str | Path, samples: Sequence[dict[str, Any]]) -> lis
     path = Path(path)
     known = {s["id"] for s in samples}
     predictions, seen = [], {}
-    for number, row in _read_lines(path):
+    for number, row in read_jsonl_lines(path):
         where = f"{path} line {number}"
         prediction = check_prediction(row, where, known)
         if prediction["id"] in seen:

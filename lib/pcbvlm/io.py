@@ -58,7 +58,8 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path
     return atomic_write_text(path, text)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; bad JSON or a non-object names the file and line."""
     from pcbvlm.errors import DataError
 
     path = Path(path)
@@ -70,10 +71,18 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from None
+                row = json.loads(line)
+            except ValueError as err:  # JSONDecodeError, or int()'s digit limit on an endless number
+                reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(":")[0]
+                raise DataError(f"{path} line {number}: invalid JSON ({reason})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 @contextlib.contextmanager
