@@ -160,10 +160,10 @@ infer: $(JOB_DEPS) ## find defects on IMAGE=path [TEMPLATE=path] [OUT=overlay.pn
 	$(JOBPY) jobs/infer.py --image $(IMAGE) $(if $(TEMPLATE),--template $(TEMPLATE)) \
 	    $(if $(OUT),--out $(OUT)) $(if $(MODEL),--model $(MODEL))
 
-clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview)
+clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview; DELETE=path for a final model)
 	$(call announce,clean-cache)
 	$(JOBPY) jobs/clean_cache.py $(if $(DRY_RUN),--dry-run) $(if $(PATTERN),--pattern $(PATTERN)) \
-	    $(if $(KEEP),--keep $(KEEP))
+	    $(if $(KEEP),--keep $(KEEP)) $(if $(DELETE),--delete $(DELETE))
 
 bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): training and inference
 	$(call announce,bench)
