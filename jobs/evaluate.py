@@ -19,7 +19,7 @@ from pcbvlm.cli import config_from_args, make_parser, run_job
 from pcbvlm.config import Config, write_resolved
 from pcbvlm.evaluate import (
     SPLITS,
-    load_samples,
+    load_scoring_samples,
     read_predictions,
     score_predictions,
     write_comparison,
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.eval.split = args.split
     data_dir = args.data_dir or cfg.paths.data_dir
     split = cfg.eval.split
-    all_samples = load_samples(data_dir, split)
+    all_samples = load_scoring_samples(data_dir, split)
     samples = all_samples[: cfg.eval.limit] if cfg.eval.limit else all_samples
     run: dict[str, Any] = {}
     if args.predictions:

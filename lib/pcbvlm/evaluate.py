@@ -90,7 +90,7 @@ def _check_sample(row: dict[str, Any], where: str, base: Path) -> dict[str, Any]
     }
 
 
-def load_samples(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
+def load_scoring_samples(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
     """The converted split `<data_dir>/<split>.jsonl`, validated, in file order."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
@@ -182,7 +182,7 @@ def score_predictions(
 ) -> dict[str, Any]:
     """Score one prediction per sample, write the report files into out_dir, return the metrics.
 
-    `samples` are the split's samples (`load_samples`), `predictions` dicts as in predictions.jsonl;
+    `samples` are the split's samples (`load_scoring_samples`), `predictions` dicts as in predictions.jsonl;
     `run` describes what was evaluated for the report (model, data, split, config); `source` names the
     predictions in error messages.
     """

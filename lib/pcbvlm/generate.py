@@ -74,14 +74,6 @@ def resolve_model_ref(cfg: Config, ref: str | None) -> str:
     return ref
 
 
-def _adapter_dir(ref: Path) -> Path | None:
-    if (ref / "adapter_config.json").is_file():
-        return ref
-    if (ref / "adapter" / "adapter_config.json").is_file():
-        return ref / "adapter"
-    return None
-
-
 def _has_processor(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file() and (folder / "preprocessor_config.json").is_file()
 
@@ -103,7 +95,9 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
         raise UserError(f"{ref}: an unfinished output folder (.partial-*); run the job that writes it again")
 
     if ref is not None and ref.exists():
-        adapter = _adapter_dir(ref)
+        from pcbvlm.training import adapter_folder
+
+        adapter = adapter_folder(ref)
         if adapter is not None:
             from peft import PeftModel
 

@@ -61,7 +61,7 @@ EXTRA_PROCESSOR_FILES = ("video_preprocessor_config.json",)
 def resolve_adapter(cfg: Config, adapter: str | Path | None = None) -> Path:
     """The adapter folder to merge: `adapter` (a run folder or its adapter/ folder), or the newest
     finished run under `paths.runs_dir`."""
-    from pcbvlm.training import ADAPTER_DIR, newest_finished_run
+    from pcbvlm.training import ADAPTER_DIR, adapter_folder, newest_finished_run
 
     if adapter is None:
         run = newest_finished_run(Path(cfg.paths.runs_dir))
@@ -77,10 +77,9 @@ def resolve_adapter(cfg: Config, adapter: str | Path | None = None) -> Path:
             raise UserError(
                 f"--adapter {given}: an unfinished folder (`{PARTIAL_MARK}*`, left by an interrupted job)"
             )
-        if (given / "adapter_config.json").is_file():
-            folder = given
-        elif (given / ADAPTER_DIR / "adapter_config.json").is_file():
-            folder = given / ADAPTER_DIR
+        found = adapter_folder(given)
+        if found is not None:
+            folder = found
         elif given.is_dir():
             raise UserError(
                 f"--adapter {given}: neither an adapter folder (adapter_config.json) nor a finished run "

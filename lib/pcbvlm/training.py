@@ -95,6 +95,14 @@ def newest_complete_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates, key=checkpoint_step, default=None)
 
 
+def adapter_folder(path: Path) -> Path | None:
+    """The peft adapter folder that `path` names: the folder itself, or a run folder's adapter/."""
+    for folder in (path, path / ADAPTER_DIR):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
 def is_finished(run_dir: Path) -> bool:
     return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
 
