@@ -2,6 +2,7 @@
 
 make bench                                   # full run, results to bench/results/<date>-<gpu>.json
 python jobs/bench.py --layers 2 --steps 1    # a smoke run of a 2-layer cut of the same width
+python jobs/bench.py --layers 8 --plan explore --profile --static-batches 1,128   # the wider sweep
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="train,generate", help="train, generate or both (comma separated)")
     parser.add_argument("--batches", default="1,32,128,192", help="generation batch sizes")
     parser.add_argument("--new-tokens", type=int, default=170, help="tokens generated per image (forced)")
+    parser.add_argument("--static-batches", default="", help="generation batch sizes with a static KV cache")
+    parser.add_argument(
+        "--plan", choices=["full", "headline", "explore"], default="full", help="training settings"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one step of the marked settings")
     args = parser.parse_args(argv)
 
     import torch
@@ -43,6 +49,9 @@ def main(argv=None) -> int:
         layers=args.layers,
         generate_batches=tuple(int(b) for b in args.batches.split(",")),
         new_tokens=args.new_tokens,
+        plan=args.plan,
+        profile=args.profile,
+        static_cache_batches=tuple(int(b) for b in args.static_batches.split(",") if b.strip()),
     )
     table = markdown_table(results)
     (out.with_suffix(".md")).write_text(

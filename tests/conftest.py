@@ -81,3 +81,27 @@ def tiny_overrides(model_dir: Path, data_dir: Path, runs_dir: Path, **train) -> 
     for key, value in values.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+@pytest.fixture(scope="module")
+def tiny_train_cfg(tiny_model_dir, tiny_data_dir):
+    """The tiny config on the session's tiny model and data, with small images (fast CPU steps)."""
+    from pcbvlm.config import load_config
+
+    return load_config(
+        ROOT / "config" / "tiny.yaml",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"paths.data_dir={tiny_data_dir}",
+            "data.max_pixels=16384",
+            "data.min_pixels=4096",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tiny_train_cfg):
+    from pcbvlm.processing import load_processor
+
+    cfg = tiny_train_cfg
+    return load_processor(cfg.model.name_or_path, cfg.data.min_pixels, cfg.data.max_pixels)

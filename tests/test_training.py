@@ -20,7 +20,6 @@ from pcbvlm.config import load_config
 from pcbvlm.deeppcb import load_samples
 from pcbvlm.errors import EXIT_DISK_GUARD
 from pcbvlm.modeling import apply_lora, load_base_model
-from pcbvlm.processing import load_processor
 from pcbvlm.training import (
     ADAPTER_DIR,
     newest_complete_checkpoint,
@@ -31,21 +30,13 @@ TINY = ROOT / "config" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_model_dir, tiny_data_dir):
-    return load_config(
-        TINY,
-        [
-            f"model.name_or_path={tiny_model_dir}",
-            f"paths.data_dir={tiny_data_dir}",
-            "data.max_pixels=16384",
-            "data.min_pixels=4096",
-        ],
-    )
+def cfg(tiny_train_cfg):
+    return tiny_train_cfg
 
 
 @pytest.fixture(scope="module")
-def processor(cfg):
-    return load_processor(cfg.model.name_or_path, cfg.data.min_pixels, cfg.data.max_pixels)
+def processor(tiny_processor):
+    return tiny_processor
 
 
 def test_labels_are_exactly_the_answer_and_its_end_token(cfg, processor, tiny_data_dir):

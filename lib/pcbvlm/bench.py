@@ -4,16 +4,19 @@ Speed and memory do not depend on weight values, so the model is built from its 
 (`pcbvlm.shapes.qwen3_vl_32b_config`) on the GPU in bf16, and the language model's decoder linears are
 quantized to NF4 + double quantization exactly as `from_pretrained(quantization_config=bnb_config())`
 would (vision tower and lm_head stay bf16). Everything after that is the project's own code: LoRA from
-`pcbvlm.modeling.apply_lora`, batches from `pcbvlm.collator.TrainCollator` (a synthetic 640x640 board
-with ~7 boxes: 400 visual tokens + prompt + ~170 answer tokens), the loss through `keep_answer_logits`,
-generation through `pcbvlm.generate.generate_batch`. The tokenizer is the tiny model's (Qwen's
-pre-tokenizer, digits one per token), so token counts match Qwen's closely; token ids differ, which does
-not change the cost.
+`pcbvlm.modeling.apply_lora` (with its selective checkpointing and bf16 adapter inputs), Liger's
+kernels from `pcbvlm.modeling.apply_fused_kernels` (undone after each setting), batches from
+`pcbvlm.collator.TrainCollator` (a synthetic 640x640 board with ~7 boxes: 400 visual tokens + prompt +
+~170 answer tokens), the loss through `keep_answer_logits`, generation through
+`pcbvlm.generate.generate_batch`. The tokenizer is the tiny model's (Qwen's pre-tokenizer, digits one per
+token), so token counts match Qwen's closely; token ids differ, which does not change the cost.
 
 Every setting runs in the same process, one after another, on the same model, under a memory cap of
 `cap_gib` (80 GiB emulates an A800 80 GB). The naive baseline is the seed project's setup: micro-batch 1
 with gradient accumulation, peft's `prepare_model_for_kbit_training` (which upcasts every non-quantized
-weight to fp32), reentrant checkpointing, full logits, LoRA dropout 0.05.
+weight to fp32), reentrant checkpointing, full logits, LoRA dropout 0.05, peft's fp32 adapter inputs.
+`train_plan` lists the settings of each plan (`full`, `headline`, `explore`); generation runs with
+the dynamic KV cache and, for `static_cache_batches`, with a static one and a compiled decoding step.
 
 MFU = model FLOPs / (time x peak). Model FLOPs of one training sample (LoRA, frozen base):
 forward 2*N_lm*T_text + 2*N_vis*T_patch, backward 2*N_lm*T_text (input gradients only; no gradient
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,11 @@ class Setting:
     answer_logits: bool = True
     gradient_checkpointing: bool = True
     naive: bool = False
+    # Liger RMSNorm/rotary/fused cross-entropy (pcbvlm.modeling.apply_fused_kernels)
+    fused_kernels: bool = False
+    uncheckpointed_layers: int = 0
+    cast_lora_inputs: bool = False  # peft's default fp32 upcast of adapter inputs (pcbvlm.modeling)
+    profile: bool = False  # one more step under torch.profiler (run_benchmark(profile=True))
 
 
 def _sync() -> None:
@@ -162,19 +171,113 @@ def _downcast(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def time_training(model, cfg, processor, sample, setting: Setting, steps: int, log: Callable[[str], None]):
-    """Seconds per sample, tokens/s and peak memory of `steps` optimizer steps after one warm-up step."""
-    from pcbvlm.collator import TrainCollator, keep_answer_logits
-    from pcbvlm.modeling import apply_lora
+class FusedKernels:
+    """Liger's patches on the shared benchmark model, undone afterwards so that the next setting (and
+    generation) measures the plain model: the module-level functions are restored and the per-instance
+    `forward` bindings removed."""
 
+    names = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision", "Qwen3VLTextRMSNorm")
+
+    def __init__(self, model) -> None:
+        from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+        self.model = model
+        self.module = modeling_qwen3_vl
+        self.saved = {name: getattr(modeling_qwen3_vl, name) for name in self.names}
+
+    def __enter__(self):
+        from pcbvlm.modeling import apply_fused_kernels
+
+        apply_fused_kernels(self.model)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+        for module in self.model.modules():
+            module.__dict__.pop("forward", None)
+
+
+def kernel_family(name: str) -> str:
+    """A coarse family of a CUDA kernel, from its name."""
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemm", "cutlass", "xmma", "nvjet", "gemv", "splitk")):
+        return "matmul"
+    if any(k in lowered for k in ("dequantize", "kgemm_4bit", "kquantize")):
+        return "bitsandbytes dequantize"
+    if any(k in lowered for k in ("flash", "fmha", "sdpa", "attention")):
+        return "attention"
+    if any(k in lowered for k in ("adam", "multi_tensor")):
+        return "optimizer"
+    if "at::native" in lowered:
+        if any(k in lowered for k in ("copy", "catarray", "index")):
+            return "copy / cast / cat"
+        return "elementwise / reduction (PyTorch)"
+    return "other (Triton: Liger, compiled)"
+
+
+def profile_step(step: Callable[[], float]) -> dict[str, Any]:
+    """One training step under torch.profiler: wall time, GPU busy time, and GPU time per kernel family
+    (the top kernels by name too), to see where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    begin = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync()
+    wall = time.perf_counter() - begin
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e6
+    families: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        family = kernel_family(name)
+        families[family] = families.get(family, 0.0) + seconds
+    busy = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "wall_s": round(wall, 3),
+        "gpu_kernel_s": round(busy, 3),
+        "families_s": {k: round(v, 3) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "top_kernels_s": [[name[:120], round(sec, 4)] for name, sec in top],
+    }
+
+
+def time_training(
+    model,
+    cfg,
+    processor,
+    sample,
+    setting: Setting,
+    steps: int,
+    log: Callable[[str], None],
+    profile: bool = False,
+):
+    """Seconds per sample, tokens/s and peak memory of `steps` optimizer steps after one warm-up step
+    (with `profile`, one more step under torch.profiler: GPU time by kernel family)."""
+    from pcbvlm.collator import TrainCollator, keep_answer_logits
+    from pcbvlm.modeling import apply_lora, decoder_layers
+
+    fused = FusedKernels(model) if setting.fused_kernels else None
+    if fused:
+        fused.__enter__()  # undone in the `finally` below, with the adapters
     cfg = cfg.model_copy(deep=True)
     cfg.lora.dropout = setting.lora_dropout
     if setting.naive:
         _upcast_non_quantized(model)  # also enables (reentrant) gradient checkpointing
-        peft_model = apply_lora(model, cfg, gradient_checkpointing=False)
+        peft_model = apply_lora(model, cfg, gradient_checkpointing=False, cast_lora_inputs=True)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     else:
-        peft_model = apply_lora(model, cfg, gradient_checkpointing=setting.gradient_checkpointing)
+        peft_model = apply_lora(
+            model,
+            cfg,
+            gradient_checkpointing=setting.gradient_checkpointing,
+            # a cut model (--layers) has fewer layers than the configured count
+            uncheckpointed_layers=min(setting.uncheckpointed_layers, len(decoder_layers(model))),
+            cast_lora_inputs=setting.cast_lora_inputs,
+        )
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
@@ -212,6 +315,11 @@ def time_training(model, cfg, processor, sample, setting: Setting, steps: int, l
         losses = [step() for _ in range(steps)]
         _sync()
         seconds = time.perf_counter() - begin
+        if profile:
+            try:
+                result["profile"] = profile_step(step)
+            except Exception as exc:  # the profile is a diagnostic: never lose the timing for it
+                result["profile"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         samples = steps * setting.micro_batch * setting.grad_accum
         result.update(
             status="ok",
@@ -223,18 +331,33 @@ def time_training(model, cfg, processor, sample, setting: Setting, steps: int, l
         )
     except torch.OutOfMemoryError:
         result.update(status="out of memory under the cap", peak_gib=gib(torch.cuda.max_memory_allocated()))
+    except Exception as exc:  # one failing setting (e.g. a kernel library) must not end the whole run
+        result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+        log(traceback.format_exc(limit=12))
     finally:
         optimizer.state.clear()  # free the AdamW state before the next setting
         peft_model.unload()  # the same base model serves the next setting
         if setting.naive:
             _downcast(model, torch.bfloat16)
+        if fused:
+            fused.__exit__(None, None, None)
         model.gradient_checkpointing_disable()
         torch.cuda.empty_cache()
     log(f"train {setting.name}: {result}")
     return result
 
 
-def time_generation(model, processor, sample, batch_size: int, new_tokens: int, log: Callable[[str], None]):
+def time_generation(
+    model,
+    processor,
+    sample,
+    batch_size: int,
+    new_tokens: int,
+    log: Callable[[str], None],
+    cache: str | None = None,
+):
+    """Seconds per image of greedy generation of exactly `new_tokens` tokens; `cache="static"` uses a
+    static KV cache, with which transformers compiles the decoding step (CUDA graphs)."""
     from pcbvlm.generate import LoadedModel, generate_batch
 
     model.eval()
@@ -243,12 +366,18 @@ def time_generation(model, processor, sample, batch_size: int, new_tokens: int, 
     loaded = LoadedModel(model, processor, "nf4 (random weights)", "bench")
     messages = [m for m in [sample["messages"][:-1]] * batch_size]
     torch.cuda.reset_peak_memory_stats()
-    result: dict[str, Any] = {"batch_size": batch_size, "new_tokens": new_tokens}
+    result: dict[str, Any] = {"batch_size": batch_size, "new_tokens": new_tokens, "cache": cache or "dynamic"}
     try:
-        generate_batch(loaded, messages[:1], 4, min_new_tokens=4)  # warm-up
-        _sync()
+        # Warm-up: kernels and, with a static cache, the compilation (same batch shape and length).
         begin = time.perf_counter()
-        outputs = generate_batch(loaded, messages, new_tokens, min_new_tokens=new_tokens)
+        warm = messages if cache else messages[:1]
+        generate_batch(loaded, warm, new_tokens if cache else 4, min_new_tokens=4, cache_implementation=cache)
+        _sync()
+        result["warmup_s"] = round(time.perf_counter() - begin, 1)
+        begin = time.perf_counter()
+        outputs = generate_batch(
+            loaded, messages, new_tokens, min_new_tokens=new_tokens, cache_implementation=cache
+        )
         _sync()
         seconds = time.perf_counter() - begin
         generated = len(outputs[0][2])
@@ -261,9 +390,108 @@ def time_generation(model, processor, sample, batch_size: int, new_tokens: int, 
         )
     except torch.OutOfMemoryError:
         result.update(status="out of memory under the cap", peak_gib=gib(torch.cuda.max_memory_allocated()))
+    except Exception as exc:  # e.g. compilation failing with a static cache: record it, go on
+        result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+        log(traceback.format_exc(limit=12))
     torch.cuda.empty_cache()
-    log(f"generate batch {batch_size}: {result}")
+    log(f"generate batch {batch_size} ({result['cache']} cache): {result}")
     return result
+
+
+def configured_setting(cfg, name: str = "configured") -> Setting:
+    """The training job's own setting, read from the config (config/config.yaml)."""
+    t = cfg.train
+    fused = t.fused_kernels != "none"  # the benchmark's GPU has liger-kernel: auto means on
+    label = (
+        f"{name} (mb {t.micro_batch}, answer logits, dropout {cfg.lora.dropout:g}, "
+        f"{'Liger' if fused else 'no fused kernels'}, {t.uncheckpointed_layers} layers uncheckpointed)"
+    )
+    return Setting(
+        label,
+        t.micro_batch,
+        grad_accum=t.grad_accum,
+        lora_dropout=cfg.lora.dropout,
+        gradient_checkpointing=t.gradient_checkpointing,
+        fused_kernels=fused,
+        uncheckpointed_layers=t.uncheckpointed_layers,
+        profile=True,
+    )
+
+
+NAIVE = Setting(
+    "naive baseline (mb 1 x accum 8, fp32 upcast, full logits)",
+    1,
+    grad_accum=8,
+    answer_logits=False,
+    naive=True,
+)
+
+
+def train_plan(cfg, plan: str) -> list[Setting]:
+    """The training settings of one benchmark run. `full`: the configured setting, the levers one by one
+    and the naive baseline; `headline`: the configured setting and the naive baseline only (a second,
+    longer sample of the headline ratio); `explore`: a wider sweep meant for a cut model (--layers 8)."""
+    configured = configured_setting(cfg)
+    mb = cfg.train.micro_batch
+    if plan == "headline":
+        return [configured, NAIVE]
+    if plan == "explore":
+        return [
+            Setting("mb 16, dropout 0.05, no fused kernels", 16, profile=True),
+            Setting("mb 16, dropout 0", 16, lora_dropout=0.0),
+            Setting("mb 16, Liger", 16, fused_kernels=True),
+            Setting("mb 16, Liger, dropout 0", 16, lora_dropout=0.0, fused_kernels=True, profile=True),
+            Setting(
+                "mb 16, Liger, dropout 0, 4 uncheckpointed",
+                16,
+                lora_dropout=0.0,
+                fused_kernels=True,
+                uncheckpointed_layers=4,
+            ),
+            Setting(
+                "mb 16, Liger, dropout 0, no checkpointing",
+                16,
+                lora_dropout=0.0,
+                fused_kernels=True,
+                gradient_checkpointing=False,
+            ),
+            Setting(
+                "mb 8, Liger, dropout 0, no checkpointing",
+                8,
+                lora_dropout=0.0,
+                fused_kernels=True,
+                gradient_checkpointing=False,
+            ),
+            Setting("mb 32, Liger, dropout 0", 32, lora_dropout=0.0, fused_kernels=True),
+            NAIVE,
+        ]
+    k = cfg.train.uncheckpointed_layers
+    return [
+        configured,
+        Setting(f"mb {mb}, Liger, all layers checkpointed", mb, lora_dropout=0.0, fused_kernels=True),
+        Setting(f"mb {mb}, no fused kernels, all checkpointed", mb, lora_dropout=0.0),
+        Setting(
+            f"mb {mb}, no fused kernels, all checkpointed, peft's fp32 adapter inputs",
+            mb,
+            lora_dropout=0.0,
+            cast_lora_inputs=True,
+        ),
+        Setting(
+            f"previous default: mb {mb}, dropout 0.05, peft's fp32 adapter inputs, all checkpointed",
+            mb,
+            lora_dropout=0.05,
+            cast_lora_inputs=True,
+        ),
+        Setting(f"mb {mb}, dropout 0.05, Liger, all checkpointed", mb, lora_dropout=0.05, fused_kernels=True),
+        Setting(
+            f"mb {mb // 2}, Liger, {min(2 * k + 4, 64)} uncheckpointed",
+            mb // 2,
+            lora_dropout=0.0,
+            fused_kernels=True,
+            uncheckpointed_layers=min(2 * k + 4, 64),
+        ),
+        NAIVE,
+    ]
 
 
 def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
@@ -271,6 +499,7 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
     from pcbvlm.preflight.estimate import estimate_train_vram
 
     setting = result["setting"]
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": setting["lora_dropout"]})})
     estimate = estimate_train_vram(
         shape,
         cfg,
@@ -279,6 +508,9 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
         grad_accum=setting["grad_accum"],
         precision="fp32" if setting["naive"] else "bf16",
         logit_tokens=result["answer_tokens"] + 1 if setting["answer_logits"] else result["tokens_per_sample"],
+        gradient_checkpointing=setting["gradient_checkpointing"] or setting["naive"],
+        uncheckpointed_layers=setting["uncheckpointed_layers"],
+        fused_cross_entropy=setting["fused_kernels"],
     )
     result["preflight_estimate_gib"] = round(estimate.total_gib, 2)
     result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)
@@ -293,6 +525,9 @@ def run_benchmark(
     train_settings: list[Setting] | None = None,
     generate_batches: tuple[int, ...] = (1, 32, 128, 192),
     new_tokens: int = 170,
+    plan: str = "full",
+    profile: bool = False,
+    static_cache_batches: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     from pcbvlm.config import load_config
     from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
@@ -341,23 +576,17 @@ def run_benchmark(
     }
 
     if "train" in parts:
-        settings = train_settings or [
-            Setting("configured (mb 16, answer logits, dropout 0.05)", 16),
-            Setting("mb 16, answer logits, dropout 0", 16, lora_dropout=0.0),
-            Setting("mb 32, answer logits, dropout 0", 32, lora_dropout=0.0),
-            Setting("mb 8, answer logits, dropout 0.05", 8),
-            Setting("mb 8, full logits, dropout 0.05", 8, answer_logits=False),
-            Setting(
-                "naive baseline (mb 1 x accum 8, fp32 upcast, full logits)",
-                1,
-                grad_accum=8,
-                answer_logits=False,
-                naive=True,
-            ),
-        ]
+        settings = train_settings or train_plan(cfg, plan)
         for setting in settings:
             result = time_training(
-                model, cfg, processor, sample, setting, steps if not setting.naive else 1, log
+                model,
+                cfg,
+                processor,
+                sample,
+                setting,
+                steps,
+                log,
+                profile=profile and setting.profile,
             )
             if result.get("status") == "ok":
                 patches = 1600  # 640x640 / 16^2
@@ -365,6 +594,7 @@ def run_benchmark(
                 flops = model_flops_per_sample(counts, shape, text_tokens, patches, result["lora_parameters"])
                 result["model_tflops_per_sample"] = round(flops / 1e12, 2)
                 result["mfu"] = round(flops / result["s_per_sample"] / H200_PEAK_BF16, 4)
+            if isinstance(result.get("peak_gib"), float):
                 attach_estimate(result, shape, cfg)
             results["train"].append(result)
             _write(out_path, results)
@@ -375,8 +605,11 @@ def run_benchmark(
                 r["speedup_vs_naive"] = round(naive["s_per_sample"] / r["s_per_sample"], 2)
 
     if "generate" in parts:
-        for batch_size in generate_batches:
-            results["generate"].append(time_generation(model, processor, sample, batch_size, new_tokens, log))
+        runs = [(b, None) for b in generate_batches] + [(b, "static") for b in static_cache_batches]
+        for batch_size, cache in runs:
+            results["generate"].append(
+                time_generation(model, processor, sample, batch_size, new_tokens, log, cache)
+            )
             _write(out_path, results)
     _write(out_path, results)
     return results
@@ -408,15 +641,17 @@ def markdown_table(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| generation batch | new tokens | s/image | ms per token step | peak GiB |",
-        "|---|---|---|---|---|",
+        "| generation batch | KV cache | new tokens | s/image | ms per token step | peak GiB | warm-up s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results["generate"]:
+        cache = r.get("cache", "dynamic")
         if r.get("status") != "ok":
-            lines.append(f"| {r['batch_size']} | {r['status']} | | | {r.get('peak_gib')} |")
+            lines.append(f"| {r['batch_size']} | {cache} | {r['status']} | | | {r.get('peak_gib')} | |")
             continue
         lines.append(
-            f"| {r['batch_size']} | {r['generated_tokens']} | {r['s_per_image']} | {r['ms_per_token_step']} | {r['peak_gib']} |"
+            f"| {r['batch_size']} | {cache} | {r['generated_tokens']} | {r['s_per_image']} | "
+            f"{r['ms_per_token_step']} | {r['peak_gib']} | {r.get('warmup_s', '')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -79,7 +79,7 @@ class DataConfig(Section):
 class LoraConfig(Section):
     r: int = Field(64, gt=0)
     alpha: int = Field(128, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # 0: no copy of every adapter input (BENCHMARKS.md)
     # Linear layers of the language model's decoder blocks; the vision tower is matched out by name.
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     train_merger: bool = False  # also put LoRA on the vision->text merger (model.visual.merger)
@@ -98,6 +98,13 @@ class TrainConfig(Section):
     micro_batch: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     gradient_checkpointing: bool = True
+    # With checkpointing on: how many of the last decoder layers keep their activations instead of
+    # recomputing them in the backward pass (faster by ~1/64 of the recomputation each, ~450 KB per token
+    # and layer more memory; the preflight counts them).
+    uncheckpointed_layers: int = Field(0, ge=0)
+    # Fused Triton kernels (Liger): RMSNorm, rotary, and a cross-entropy fused with lm_head that never
+    # materialises the logits. auto = on a CUDA GPU when liger-kernel is installed; liger = required.
+    fused_kernels: Literal["auto", "liger", "none"] = "auto"
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(3, gt=0)
@@ -123,6 +130,9 @@ class EvalConfig(Section):
     split: Literal["train", "val", "test"] = "test"
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(512, gt=0)
+    # static: a pre-allocated KV cache and a compiled decoding step (CUDA graphs) on a GPU; much faster
+    # per token, after a compilation per batch shape (BENCHMARKS.md). dynamic: plain HF generate.
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
     worst_n: int = Field(8, ge=0)
     limit: int = Field(0, ge=0)  # evaluate only the first N samples (0 = all)
 

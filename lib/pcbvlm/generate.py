@@ -38,6 +38,7 @@ class LoadedModel:
     processor: Any
     kind: str  # adapter | merged | quantized | base
     path: str
+    kv_cache: str = "dynamic"  # eval.kv_cache: dynamic, or static (compiled decoding on a GPU)
 
 
 MODEL_SHORTCUTS = ("auto", "run", "merged", "quantized", "base")
@@ -124,10 +125,38 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
         raise UserError(f"{ref}: no such model folder")
 
     model.eval()
+    if cfg.eval.kv_cache == "static":
+        allow_compiled_decoding(model)
     processor = load_processor(processor_source, cfg.data.min_pixels, cfg.data.max_pixels, None)
     # Batched generation appends new tokens on the right: prompts must be padded on the left.
     processor.tokenizer.padding_side = "left"
-    return LoadedModel(model, processor, kind, str(ref) if ref else base)
+    return LoadedModel(model, processor, kind, str(ref) if ref else base, cfg.eval.kv_cache)
+
+
+def allow_compiled_decoding(model) -> bool:
+    """Let transformers compile the decoding step of a bitsandbytes-4-bit model.
+
+    With a static KV cache, `generate` compiles the one-token decoding step (torch.compile,
+    "reduce-overhead": CUDA graphs), which removes the per-kernel launch overhead that bounds batch-1
+    decoding. transformers vetoes it for every bitsandbytes-4-bit model (its quantizer reports "not
+    compileable"), but bitsandbytes >= 0.46 registers its 4-bit kernels as torch custom ops and the
+    compiled step runs and generates the same tokens (tests/test_speed_levers.py on a GPU; timings in
+    BENCHMARKS.md). The veto is lifted for this model only; returns whether it had to be."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(hf_model, "hf_quantizer", None)
+    if quantizer is None or quantizer.is_compileable or type(quantizer).__name__ != "Bnb4BitHfQuantizer":
+        return False
+    criteria = hf_model._valid_auto_compile_criteria
+
+    def without_the_bnb_veto(model_kwargs, generation_config):
+        hf_model.hf_quantizer = None
+        try:
+            return criteria(model_kwargs, generation_config)
+        finally:
+            hf_model.hf_quantizer = quantizer
+
+    hf_model._valid_auto_compile_criteria = without_the_bnb_veto
+    return True
 
 
 def _token_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
@@ -166,8 +195,14 @@ def generate_batch(
     messages_batch: Sequence[list[dict]],
     max_new_tokens: int,
     min_new_tokens: int | None = None,
+    cache_implementation: str | None = None,
 ) -> list[tuple[str, list[tuple[int, int]], list[float]]]:
-    """Greedy generation for a batch of chats; per sample: (text, token offsets, token probabilities)."""
+    """Greedy generation for a batch of chats; per sample: (text, token offsets, token probabilities).
+    `cache_implementation` (default: the model's eval.kv_cache) "static" pre-allocates the KV cache,
+    which lets transformers compile the decoding step on a GPU (the first batch of each shape pays for
+    the compilation)."""
+    if cache_implementation is None and loaded.kv_cache != "dynamic":
+        cache_implementation = loaded.kv_cache
     processor = loaded.processor
     texts = [
         processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages_batch
@@ -185,6 +220,7 @@ def generate_batch(
         do_sample=False,
         logits_processor=LogitsProcessorList([recorder]),
         pad_token_id=processor.tokenizer.pad_token_id,
+        cache_implementation=cache_implementation,
     )
     prompt_length = inputs["input_ids"].shape[1]
     new_tokens = sequences[:, prompt_length:]

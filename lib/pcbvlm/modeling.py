@@ -127,19 +127,41 @@ def lora_target_regex(cfg: Config) -> str:
     return pattern
 
 
-def apply_lora(model, cfg: Config, gradient_checkpointing: bool | None = None):
-    """Wrap the model with LoRA adapters; the base stays frozen."""
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The language model's decoder layers (`model.model.language_model.layers` under transformers 5)."""
+    return list(model.model.language_model.layers)
+
+
+def apply_lora(
+    model,
+    cfg: Config,
+    gradient_checkpointing: bool | None = None,
+    uncheckpointed_layers: int | None = None,
+    cast_lora_inputs: bool = False,
+):
+    """Wrap the model with LoRA adapters; the base stays frozen. `cast_lora_inputs=True` keeps peft's
+    default fp32 upcast of adapter inputs (see keep_lora_inputs_in_compute_dtype)."""
     from peft import LoraConfig, get_peft_model
 
     gradient_checkpointing = (
         cfg.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     )
+    keep = cfg.train.uncheckpointed_layers if uncheckpointed_layers is None else uncheckpointed_layers
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; inputs still need grads to reach LoRA.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        layers = decoder_layers(model)
+        if keep > len(layers):
+            raise UserError(
+                f"train.uncheckpointed_layers: {keep} is more than the model's {len(layers)} decoder layers"
+            )
+        # transformers' GradientCheckpointingLayer checks this flag on every call: the last `keep` layers
+        # run plainly and keep their activations, the others recompute theirs in the backward pass.
+        for layer in layers[len(layers) - keep :]:
+            layer.gradient_checkpointing = False
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -149,7 +171,71 @@ def apply_lora(model, cfg: Config, gradient_checkpointing: bool | None = None):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    if not cast_lora_inputs:
+        keep_lora_inputs_in_compute_dtype(peft_model)
     return peft_model
+
+
+def keep_lora_inputs_in_compute_dtype(model) -> int:
+    """Stop peft from upcasting every LoRA input to the adapter's fp32 before its dropout and lora_A.
+
+    peft keeps the adapter weights in fp32 and, unless it detects autocast (its check misses the CUDA
+    autocast that Trainer/accelerate use: measured on an H200), casts each adapter input to fp32: a
+    full-size fp32 copy of the input of all seven linears of every layer, dropout in fp32, then
+    autocast's cast back to bf16 for the matmul. Under autocast the matmul runs in bf16 either way, so
+    the result is the same (dropout then scales a bf16 value instead of its fp32 copy, rounded to bf16
+    before the matmul in both cases); only the copies go. Without autocast (CPU fp32) nothing changes:
+    input and adapter already share a dtype. Returns how many LoRA layers were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+            switched += 1
+    return switched
+
+
+def liger_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("liger_kernel") is not None
+
+
+def use_fused_kernels(cfg: Config, device: str) -> bool:
+    """Whether train.fused_kernels asks for Liger's kernels here; `liger` without them is an error."""
+    choice = cfg.train.fused_kernels
+    if choice == "none":
+        return False
+    usable = device == "cuda" and liger_available()
+    if choice == "liger" and not usable:
+        where = "a CUDA GPU" if device != "cuda" else "the liger-kernel package (requirements/cuda.lock)"
+        raise UserError(f"train.fused_kernels: liger needs {where}; set it to auto or none")
+    return usable
+
+
+def apply_fused_kernels(model, fused_cross_entropy: bool = True) -> None:
+    """Liger's Triton kernels on a Qwen3-VL model: RMSNorm and rotary embeddings fused, and a
+    cross-entropy fused with lm_head that computes the loss chunk by chunk without materialising the
+    logits (same loss: the tiny-model test on a GPU compares it). The rotary patch is module-wide.
+    `fused_cross_entropy=False` under DeepSpeed ZeRO-3: the fused loss reads lm_head.weight directly,
+    which ZeRO-3 only gathers inside lm_head's own forward."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+    from liger_kernel.transformers.model import qwen3_vl as liger_qwen3_vl
+
+    apply_liger_kernel_to_qwen3_vl(
+        rope=True, rms_norm=True, fused_linear_cross_entropy=fused_cross_entropy, model=model
+    )
+    if not fused_cross_entropy:
+        return
+    loss = liger_qwen3_vl.LigerForCausalLMLoss
+    if not getattr(loss, "pcbvlm_contiguous", False):
+        # Liger's Qwen3-VL forward slices the hidden states for `logits_to_keep` (the answer-only
+        # logits of pcbvlm.collator.keep_answer_logits) and then .view()s them, which fails on the
+        # non-contiguous slice; a contiguous copy of the kept rows (~40 MB at micro-batch 16) fixes it.
+        def contiguous_loss(hidden_states, *args, **kwargs):
+            return loss(hidden_states.contiguous(), *args, **kwargs)
+
+        contiguous_loss.pcbvlm_contiguous = True
+        liger_qwen3_vl.LigerForCausalLMLoss = contiguous_loss
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -460,12 +460,14 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     from pcbvlm.collator import TrainCollator
     from pcbvlm.deeppcb import load_samples
     from pcbvlm.modeling import (
+        apply_fused_kernels,
         apply_lora,
         ensure_model_available,
         load_base_model,
         resolve_device,
         resolve_dtype,
         trainable_parameters,
+        use_fused_kernels,
     )
     from pcbvlm.processing import load_processor
 
@@ -494,6 +496,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("resources.device: cuda requested but no GPU is visible")
     dtype = resolve_dtype(cfg, device)
+    fused = use_fused_kernels(cfg, device)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     manifest: dict[str, Any] = {
         "run": run_dir.name,
@@ -510,6 +513,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         "gpu": gpu_facts(),
         "world_size": state.num_processes,
         "dtype": str(dtype).removeprefix("torch."),
+        "fused_kernels": "liger" if fused else "none",
         "start": started,
         "end": None,
         "status": "running",
@@ -532,6 +536,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     # Seed before the adapters are created: their initial weights come from the global RNG.
     set_seed(cfg.train.seed)
     model = load_base_model(cfg, device=device, dtype=dtype, zero3=deepspeed_zero_stage() == 3)
+    if fused:
+        apply_fused_kernels(model, fused_cross_entropy=deepspeed_zero_stage() != 3)
     model = apply_lora(model, cfg)
     trainable, total = trainable_parameters(model)
     if is_main:
