@@ -9,11 +9,15 @@ import torch
 from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 
+import test_quantize
 from pcbvlm.deeppcb import build_messages, load_samples
 from pcbvlm.generate import generate_batch, load_for_inference
 from pcbvlm.int4 import Int4Linear, int4_storage, load_int4_model, unpack_int32
 from pcbvlm.quantize import answer_agreement
-from test_quantize import LM_LINEAR, cfg, merged, quantized  # noqa: F401 (fixtures)
+from test_quantize import LM_LINEAR
+
+# The tiny model's `make merge` and `make quantize` outputs (test_quantize's fixtures, built once here).
+cfg, merged, quantized = test_quantize.cfg, test_quantize.merged, test_quantize.quantized
 
 
 def _inputs(model_dir, samples):
@@ -44,7 +48,7 @@ def test_repacked_logits_equal_compressed_tensors_dequantized(kernel, quantized,
     assert expected.abs().max() > 0.1
 
 
-def test_loaded_quantized_model_holds_four_bits_per_weight(cfg, quantized):  # noqa: F811
+def test_loaded_quantized_model_holds_four_bits_per_weight(cfg, quantized):
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.eval.batch_size = 1
     loaded = load_for_inference(run_cfg, str(quantized))
@@ -83,7 +87,9 @@ def test_unpack_reads_compressed_tensors_packing():
     assert torch.equal(unpack_int32(pack_to_int32(q, 4), 64).to(torch.int16) - 8, q.to(torch.int16))
 
 
-def test_answers_agree_with_the_reference_and_the_merged_model(cfg, quantized, merged, reference, tiny_data_dir):  # noqa: F811
+def test_answers_agree_with_the_reference_and_the_merged_model(
+    cfg, quantized, merged, reference, tiny_data_dir
+):
     """Greedy answers of the int4 path, parsed into boxes: identical to compressed-tensors' dequantized
     model, and compared with the merged fp32 model (the figures the report quotes)."""
     samples = load_samples(tiny_data_dir, "val")[:2]
@@ -93,7 +99,8 @@ def test_answers_agree_with_the_reference_and_the_merged_model(cfg, quantized, m
     for name, ref in (("int4", quantized), ("merged", merged)):
         loaded = load_for_inference(run_cfg, str(ref))
         answers[name] = [
-            generate_batch(loaded, [build_messages(s, cfg.data, with_answer=False)], 24)[0][0] for s in samples
+            generate_batch(loaded, [build_messages(s, cfg.data, with_answer=False)], 24)[0][0]
+            for s in samples
         ]
     loaded.model = reference  # the same processor; compressed-tensors' model
     answers["reference"] = [
@@ -105,7 +112,7 @@ def test_answers_agree_with_the_reference_and_the_merged_model(cfg, quantized, m
     assert agreement["samples"] == len(samples)
 
 
-def test_prompt_lookup_gives_the_plain_greedy_answer(cfg, quantized, tiny_data_dir):  # noqa: F811
+def test_prompt_lookup_gives_the_plain_greedy_answer(cfg, quantized, tiny_data_dir):
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.eval.batch_size = 1
     loaded = load_for_inference(run_cfg, str(quantized))
@@ -125,3 +132,24 @@ def test_prompt_lookup_gives_the_plain_greedy_answer(cfg, quantized, tiny_data_d
         print(f"forward passes: plain {plain_steps}, prompt lookup {len(calls)}")
         saved.append(plain_steps - len(calls))
     assert max(saved) > 0  # drafts were accepted: the check above compared two different decodings
+
+
+def test_preflight_eval_estimate_counts_the_packed_model(cfg):
+    """`make preflight JOB=eval` with a quantized model: its packed size, not the bf16 size (~67 GB)."""
+    from pcbvlm.preflight.estimate import GIB, estimate_eval_vram
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    shape = qwen3_vl_32b_config()
+    one = cfg.model_copy(deep=True)
+    one.eval.batch_size, one.eval.max_new_tokens = 1, 512
+    computed = estimate_eval_vram(shape, one)
+    weights = sum(i.bytes for i in computed.items if "W4A16" in i.name or "unquantized" in i.note)
+    assert 18 * GIB < weights < 21 * GIB  # 32.0 B linears x 4.125 bit + 1.3 B bf16
+    assert computed.total_bytes < 25 * GIB  # the batch-1 goal on the target card
+    stored = estimate_eval_vram(shape, one, packed_bytes=30 * GIB)
+    assert stored.items[0].bytes == 30 * GIB
+    assert stored.total_bytes == pytest.approx(computed.total_bytes - weights + 30 * GIB)
+    # Batched eval picks the dequant kernel: one linear in bf16 while it runs, no zero offsets.
+    batched = estimate_eval_vram(shape, one, batch_size=64, packed_bytes=30 * GIB)
+    names = [i.name for i in batched.items]
+    assert "one linear dequantized (bf16)" in names and "int4 kernel zero offsets (bf16)" not in names

@@ -150,7 +150,9 @@ class Int4Linear(nn.Module):
         if rows.is_cuda:
             out = torch.ops.aten._weight_int4pack_mm(rows, self.weight_int4, self.group_size, self.scales)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, self.group_size, self.scales)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, self.weight_int4, self.group_size, self.scales
+            )
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
@@ -214,7 +216,9 @@ def repack_compressed_linears(model: nn.Module, kernel: Kernel, dtype: torch.dty
         hook.remove()
         del model.ct_decompress_hook
     if count == 0:
-        raise UserError("no compressed-tensors packed linears found to repack (is this a `make quantize` folder?)")
+        raise UserError(
+            "no compressed-tensors packed linears found to repack (is this a `make quantize` folder?)"
+        )
     return count
 
 
@@ -252,8 +256,14 @@ def random_compressed_linear(
     """Random weights in compressed-tensors' packed form (int32 words, bf16 scales ~ 0.02/7), for the
     benchmark of the 32B shape: the same `Int4Linear.from_compressed` path as a real folder."""
     words = torch.randint(
-        -(2**31), 2**31 - 1, (out_features, math.ceil(in_features / 8)), dtype=torch.int32, device=device,
+        -(2**31),
+        2**31 - 1,
+        (out_features, math.ceil(in_features / 8)),
+        dtype=torch.int32,
+        device=device,
         generator=generator,
     )
-    scale = torch.full((out_features, in_features // group_size), 0.02 / 7, dtype=torch.bfloat16, device=device)
+    scale = torch.full(
+        (out_features, in_features // group_size), 0.02 / 7, dtype=torch.bfloat16, device=device
+    )
     return words, scale
