@@ -367,9 +367,12 @@ def time_generation(
     log: Callable[[str], None],
     cache: str | None = None,
     kind: str = "nf4 (random weights)",
+    prompt_lookup: int = 0,
 ):
     """Seconds per image of greedy generation of exactly `new_tokens` tokens; `cache="static"` uses a
-    static KV cache, with which transformers compiles the decoding step (CUDA graphs)."""
+    static KV cache, with which transformers compiles the decoding step (CUDA graphs); `prompt_lookup`
+    drafts that many tokens per step (batch 1, dynamic cache; with random weights the drafts are
+    accepted at random, so `forward_passes` says how many steps it took)."""
     from pcbvlm.generate import LoadedModel, generate_batch
 
     model.eval()
@@ -384,20 +387,41 @@ def time_generation(
         "new_tokens": new_tokens,
         "cache": cache or "dynamic",
     }
+    if prompt_lookup:
+        result["prompt_lookup_tokens"] = prompt_lookup
+    passes: list[int] = []
+    # Forward passes, counted on the eager paths only (a hook inside a compiled step would be traced).
+    counter = model.register_forward_pre_hook(lambda *_: passes.append(1)) if not cache else None
     try:
         # Warm-up: kernels and, with a static cache, the compilation (same batch shape and length).
         begin = time.perf_counter()
         warm = messages if cache else messages[:1]
-        generate_batch(loaded, warm, new_tokens if cache else 4, min_new_tokens=4, cache_implementation=cache)
+        generate_batch(
+            loaded,
+            warm,
+            new_tokens if cache else 4,
+            min_new_tokens=4,
+            cache_implementation=cache,
+            prompt_lookup_tokens=prompt_lookup,
+        )
         _sync()
         result["warmup_s"] = round(time.perf_counter() - begin, 1)
+        passes.clear()
         begin = time.perf_counter()
         outputs = generate_batch(
-            loaded, messages, new_tokens, min_new_tokens=new_tokens, cache_implementation=cache
+            loaded,
+            messages,
+            new_tokens,
+            min_new_tokens=new_tokens,
+            cache_implementation=cache,
+            prompt_lookup_tokens=prompt_lookup,
         )
         _sync()
         seconds = time.perf_counter() - begin
         generated = len(outputs[0][2])
+        if counter is not None:
+            result["forward_passes"] = len(passes)
+            result["ms_per_forward_pass"] = round(1000 * seconds / max(len(passes), 1), 2)
         result.update(
             status="ok",
             generated_tokens=generated,
@@ -410,6 +434,8 @@ def time_generation(
     except Exception as exc:  # e.g. compilation failing with a static cache: record it, go on
         result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:300]}")
         log(traceback.format_exc(limit=12))
+    if counter is not None:
+        counter.remove()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log(f"generate {kind} batch {batch_size} ({result['cache']} cache): {result}")
@@ -709,6 +735,50 @@ def quantize_language_model_int4(model, kernel: str, group_size: int = 128, seed
     return count
 
 
+def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
+    """Forward passes prompt-lookup decoding takes for the sample's real answer if the model's greedy
+    answer is that answer: transformers' own `PromptLookupCandidateGenerator` drafts from the prompt and
+    the tokens so far (image tokens barred, as in `generate_batch`); each pass keeps the drafted tokens
+    that match plus the model's own next one. Random weights cannot show this (their answers are noise),
+    so the benchmark reports it beside the measured cost of a pass."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from pcbvlm.generate import IMAGE_TOKENS
+
+    tok = processor.tokenizer
+    prompt = processor.apply_chat_template(
+        sample["messages"][:-1], tokenize=False, add_generation_prompt=True
+    )
+    answer = sample["messages"][-1]["content"]
+    answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    barred = [tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    generator = PromptLookupCandidateGenerator(
+        num_output_tokens=num_tokens,
+        max_length=len(prompt_ids) + len(answer_ids) + 1,
+        logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor(barred)]),
+        vocab_size=len(tok),
+    )
+    ids, done, passes = list(prompt_ids), 0, 0
+    while done < len(answer_ids):
+        candidates, _ = generator.get_candidates(torch.tensor([ids]))
+        drafted = candidates[0, len(ids) :].tolist()
+        matched = 0
+        while (
+            matched < len(drafted)
+            and done + matched < len(answer_ids)
+            and drafted[matched] == answer_ids[done + matched]
+        ):
+            matched += 1
+        kept = min(matched + 1, len(answer_ids) - done)
+        ids += answer_ids[done : done + kept]
+        done += kept
+        passes += 1
+    return {"answer_tokens": len(answer_ids), "forward_passes": passes, "draft_tokens": num_tokens}
+
+
 def smoke_config(layers: int = 2):
     """A narrow Qwen3-VL (hidden 256, a one-block vision tower) with the 32B's vocabulary, to run the
     whole benchmark command on a CPU before spending GPU time on it."""
@@ -733,6 +803,7 @@ def run_int4_benchmark(
     batches: tuple[int, ...] = (1, 32, 128),
     static_batches: tuple[int, ...] = (1,),
     nf4_batches: tuple[int, ...] = (),
+    prompt_lookup: int = 0,
     new_tokens: int = 230,
     cap_gib: float = 80.0,
     layers: int | None = None,
@@ -785,6 +856,9 @@ def run_int4_benchmark(
         "A800's memory, not its speed (4.8 vs 2.0 TB/s).",
         "generate": [],
     }
+    if prompt_lookup:
+        results["prompt_lookup_real_answer"] = prompt_lookup_passes(processor, sample, prompt_lookup)
+        log(f"prompt lookup on the sample's real answer: {results['prompt_lookup_real_answer']}")
 
     def build(quantize: str):
         previous = torch.get_default_dtype()
@@ -818,8 +892,11 @@ def run_int4_benchmark(
         f"int4 model built ({kernel}): {results.get('int4_model_gib')} GiB, {results['int4_bits_per_weight']} bits/weight"
     )
 
-    runs = [(b, "static") for b in static_batches] + [(b, None) for b in batches]
-    for batch_size, cache in sorted(runs, key=lambda r: (r[0], r[1] is None)):
+    # (batch, cache, prompt-lookup tokens): batch 1 first (static, dynamic, dynamic + prompt lookup).
+    runs = [(b, "static", 0) for b in static_batches] + [(b, None, 0) for b in batches]
+    if prompt_lookup and 1 in batches:
+        runs.append((1, None, prompt_lookup))
+    for batch_size, cache, lookup in sorted(runs, key=lambda r: (r[0], r[1] is None, r[2])):
         if not time_left():
             results["generate"].append(
                 {
@@ -835,9 +912,10 @@ def run_int4_benchmark(
             kernel = wanted
             quantize_language_model_int4(model, kernel)
             log(f"int4 linears repacked for the {kernel} kernel")
+        label = f"int4 {kernel}" + (f" + prompt lookup {lookup}" if lookup else "")
         results["generate"].append(
             time_generation(
-                model, processor, sample, batch_size, new_tokens, log, cache, kind=f"int4 {kernel}"
+                model, processor, sample, batch_size, new_tokens, log, cache, kind=label, prompt_lookup=lookup
             )
         )
         _write(out_path, results)
