@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="profile one step of the marked settings")
     parser.add_argument("--nf4-batches", default="", help="--parts int4: NF4 batch sizes to compare with")
+    parser.add_argument(
+        "--tinygemm-batches", default="", help="--parts int4: batch sizes also run on the tinygemm layout"
+    )
     parser.add_argument("--prompt-lookup", type=int, default=0, help="--parts int4: draft tokens at batch 1")
     parser.add_argument(
         "--deadline-s", type=float, help="--parts int4: skip settings after this many seconds"
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
             static_batches=_sizes(args.static_batches),
             nf4_batches=_sizes(args.nf4_batches),
             prompt_lookup=args.prompt_lookup,
+            tinygemm_batches=_sizes(args.tinygemm_batches),
             new_tokens=args.new_tokens,
             cap_gib=args.cap_gib,
             layers=args.layers,

@@ -153,3 +153,36 @@ def test_preflight_eval_estimate_counts_the_packed_model(cfg):
     batched = estimate_eval_vram(shape, one, batch_size=64, packed_bytes=30 * GIB)
     names = [i.name for i in batched.items]
     assert "one linear dequantized (bf16)" in names and "int4 kernel zero offsets (bf16)" not in names
+
+
+def test_weights_read_back_from_a_tile_permuted_layout():
+    """The prefill path reads tinygemm-packed weights back (CUDA only: torch's layout permutes the nibbles
+    of each 8-row x 16*tiles-column block). The probe that finds the permutation and the read-back are
+    checked here against a layout of the same shape with a known, arbitrary permutation."""
+    from pcbvlm.int4 import _dequantize_tinygemm, _nibbles, _tinygemm_to_unsigned, tinygemm_unpack_order
+
+    tiles = 4
+    block = 8 * 16 * tiles
+    permutation = torch.randperm(block, generator=torch.Generator().manual_seed(0))
+
+    def convert(pairs: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+        u = torch.stack((pairs >> 4, pairs & 0xF), dim=-1).reshape(pairs.shape[0], -1).to(torch.int32)
+        rows, cols = u.shape
+        blocks = u.reshape(rows // 8, 8, cols // (16 * inner_k_tiles), 16 * inner_k_tiles).permute(0, 2, 1, 3)
+        nibbles = blocks.reshape(rows // 8, cols // (16 * inner_k_tiles), block)[..., permutation]
+        words = (nibbles.reshape(-1, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(
+            -1, dtype=torch.int32
+        )
+        return words.reshape(rows // 8, cols // (16 * inner_k_tiles), 32, inner_k_tiles // 2)
+
+    order = tinygemm_unpack_order(tiles, torch.device("cpu"), convert=convert)
+    assert order is not None
+    u = torch.randint(0, 16, (24, 192), dtype=torch.uint8)
+    packed = convert((u[:, 0::2] << 4) | u[:, 1::2], tiles)
+    assert torch.equal(_tinygemm_to_unsigned(packed, order).to(torch.uint8), u)
+    assert _nibbles(packed).shape[-1] == 8
+    scale = torch.rand(192 // 32, 24)
+    scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1)
+    w = _dequantize_tinygemm(packed, scales_and_zeros, order, 32)
+    expected = (u.float() - 8) * scale.t().repeat_interleave(32, dim=1)
+    torch.testing.assert_close(w, expected)

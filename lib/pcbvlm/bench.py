@@ -419,9 +419,16 @@ def time_generation(
         _sync()
         seconds = time.perf_counter() - begin
         generated = len(outputs[0][2])
+        timed_passes = len(passes)
+        if batch_size == 1:
+            # The prompt's share: the same call with one new token (prefill + one step).
+            begin = time.perf_counter()
+            generate_batch(loaded, messages, 1, min_new_tokens=1, cache_implementation=cache)
+            _sync()
+            result["prefill_s"] = round(time.perf_counter() - begin, 3)
         if counter is not None:
-            result["forward_passes"] = len(passes)
-            result["ms_per_forward_pass"] = round(1000 * seconds / max(len(passes), 1), 2)
+            result["forward_passes"] = timed_passes
+            result["ms_per_forward_pass"] = round(1000 * seconds / max(timed_passes, 1), 2)
         result.update(
             status="ok",
             generated_tokens=generated,
@@ -803,6 +810,7 @@ def run_int4_benchmark(
     batches: tuple[int, ...] = (1, 32, 128),
     static_batches: tuple[int, ...] = (1,),
     nf4_batches: tuple[int, ...] = (),
+    tinygemm_batches: tuple[int, ...] = (),
     prompt_lookup: int = 0,
     new_tokens: int = 230,
     cap_gib: float = 80.0,
@@ -816,7 +824,7 @@ def run_int4_benchmark(
     `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. Every setting is
     written to `out_path` as soon as it is measured."""
     from pcbvlm.config import load_config
-    from pcbvlm.int4 import choose_kernel, int4_storage
+    from pcbvlm.int4 import TINYGEMM_MAX_BATCH, choose_kernel, int4_storage
     from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
 
     started = time.perf_counter()
@@ -892,32 +900,41 @@ def run_int4_benchmark(
         f"int4 model built ({kernel}): {results.get('int4_model_gib')} GiB, {results['int4_bits_per_weight']} bits/weight"
     )
 
-    # (batch, cache, prompt-lookup tokens): batch 1 first (static, dynamic, dynamic + prompt lookup).
-    runs = [(b, "static", 0) for b in static_batches] + [(b, None, 0) for b in batches]
+    # (batch, cache, prompt-lookup tokens, kernel), most telling first: batch 1 (static, dynamic,
+    # dynamic + prompt lookup), then the batched sizes with the kernel auto picks, then the batched sizes
+    # on the tinygemm layout (many-row calls read its weights back to bf16: no second copy needed).
+    runs = [(b, "static", 0, choose_kernel("auto", b)) for b in static_batches]
+    runs += [(b, None, 0, choose_kernel("auto", b)) for b in batches if b <= TINYGEMM_MAX_BATCH]
     if prompt_lookup and 1 in batches:
-        runs.append((1, None, prompt_lookup))
-    for batch_size, cache, lookup in sorted(runs, key=lambda r: (r[0], r[1] is None, r[2])):
+        runs.append((1, None, prompt_lookup, "tinygemm"))
+    runs += [
+        (b, None, 0, choose_kernel("auto", b))
+        for b in sorted(batches, reverse=True)
+        if b > TINYGEMM_MAX_BATCH
+    ]
+    runs += [(b, None, 0, "tinygemm") for b in tinygemm_batches]
+    for batch_size, cache, lookup, wanted in runs:
         if not time_left():
             results["generate"].append(
                 {
-                    "model": "int4",
+                    "model": f"int4 {wanted}",
                     "batch_size": batch_size,
                     "cache": cache or "dynamic",
                     "status": "skipped: out of time",
                 }
             )
             continue
-        wanted = choose_kernel("auto", batch_size)
         if wanted != kernel:
             kernel = wanted
             quantize_language_model_int4(model, kernel)
             log(f"int4 linears repacked for the {kernel} kernel")
+        readback = sum(getattr(m, "unpack_order", None) is not None for m in model.modules())
         label = f"int4 {kernel}" + (f" + prompt lookup {lookup}" if lookup else "")
-        results["generate"].append(
-            time_generation(
-                model, processor, sample, batch_size, new_tokens, log, cache, kind=label, prompt_lookup=lookup
-            )
+        result = time_generation(
+            model, processor, sample, batch_size, new_tokens, log, cache, kind=label, prompt_lookup=lookup
         )
+        result["tinygemm_layers_read_back_for_many_rows"] = readback
+        results["generate"].append(result)
         _write(out_path, results)
 
     del model
@@ -962,17 +979,18 @@ def int4_markdown_table(results: dict[str, Any]) -> str:
         f"int4 model {results.get('int4_model_gib')} GiB ({results.get('int4_bits_per_weight')} bits per LM weight), "
         f"{results['new_tokens']} new tokens.",
         "",
-        "| model / kernel | batch | KV cache | s/image (measured) | ms per token step | peak GiB | warm-up s | s/image A800 (projected) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model / kernel | batch | KV cache | s/image (measured) | ms per token step | forward passes | prefill s | peak GiB | warm-up s | s/image A800 (projected) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["generate"]:
         if r.get("status") != "ok":
             lines.append(
-                f"| {r['model']} | {r['batch_size']} | {r['cache']} | {r['status']} | | {r.get('peak_gib')} | | |"
+                f"| {r['model']} | {r['batch_size']} | {r['cache']} | {r['status']} | | | | {r.get('peak_gib')} | | |"
             )
             continue
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['cache']} | {r['s_per_image']} | {r['ms_per_token_step']} | "
+            f"{r.get('forward_passes', '')} | {r.get('prefill_s', '')} | "
             f"{r['peak_gib']} | {r.get('warmup_s', '')} | {r['s_per_image'] * A800_BANDWIDTH_RATIO:.3g} |"
         )
     return "\n".join(lines) + "\n"

@@ -39,6 +39,10 @@ from pcbvlm.errors import UserError
 Kernel = Literal["tinygemm", "dequant"]
 # eval.int4_kernel: auto picks tinygemm up to this batch size (its cost per row grows; BENCHMARKS.md).
 TINYGEMM_MAX_BATCH = 4
+# A tinygemm layer called with more rows than this (the prompt's prefill) dequantizes its weight from the
+# tinygemm layout and runs a bf16 matmul instead: the kernel re-reads the weight per 16-row tile, so a
+# 700-token prompt would cost ~45 weight reads.
+TINYGEMM_MAX_ROWS = 16
 
 
 def choose_kernel(setting: str, batch_size: int) -> Kernel:
@@ -61,6 +65,74 @@ def _inner_k_tiles(in_features: int) -> int:
         if in_features % (16 * tiles) == 0:
             return tiles
     raise UserError(f"int4 kernel: input width {in_features} is not a multiple of 32")
+
+
+_UNPACK_ORDERS: dict[tuple[int, str], torch.Tensor | None] = {}
+
+
+def _convert_cuda(nibble_pairs: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """torch's CUDA int4pack layout from (out, in/2) uint8 (the even input channel in the high nibble)."""
+    return torch.ops.aten._convert_weight_to_int4pack(nibble_pairs, inner_k_tiles)
+
+
+def tinygemm_unpack_order(
+    inner_k_tiles: int, device: torch.device, convert=_convert_cuda
+) -> torch.Tensor | None:
+    """Where each weight of a tile lands in torch's CUDA int4pack layout, found by packing probes.
+
+    `_convert_weight_to_int4pack` lays out (out, in) as (out/8, in/(16 x tiles), 32, tiles/2) int32: one
+    block of 8 output rows x 16*tiles input channels after another, the 8 x 16 x tiles nibbles of a
+    block permuted for the tensor-core fragments. Packing three probe blocks whose nibbles are the three
+    base-16 digits of each weight's index in the block reveals that permutation; returns, for each
+    weight of a block (row-major), the position of its nibble in the block's words. None on the CPU
+    (a different layout) or if the probe does not come back as a permutation."""
+    key = (inner_k_tiles, str(device), convert)
+    if key not in _UNPACK_ORDERS:
+        order = None
+        if torch.device(device).type == "cuda" or convert is not _convert_cuda:
+            block = 8 * 16 * inner_k_tiles
+            index = torch.arange(block, device=device, dtype=torch.int32).reshape(8, 16 * inner_k_tiles)
+            position = torch.zeros(block, dtype=torch.int64, device=device)
+            for digit in range(3):  # 16**3 > 8 x 16 x 8
+                u = ((index >> (4 * digit)) & 0xF).to(torch.uint8)
+                packed = convert((u[:, 0::2] << 4) | u[:, 1::2], inner_k_tiles)
+                position += _nibbles(packed.reshape(-1)).reshape(-1).long() << (4 * digit)
+            if torch.equal(position.sort().values, torch.arange(block, device=device)):
+                order = position.argsort()  # order[i]: the nibble position of weight i
+        _UNPACK_ORDERS[key] = order
+    return _UNPACK_ORDERS[key]
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 words -> their 8 nibbles each, lowest bits first (..., 8)."""
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    return (words.unsqueeze(-1) >> shifts) & 0xF
+
+
+def _tinygemm_to_unsigned(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The tinygemm layout (out/8, in/(16 t), 32, t/2) back to the unsigned 4-bit values (out, in)."""
+    row_tiles, col_tiles = packed.shape[0], packed.shape[1]
+    block = order.numel()
+    nibbles = _nibbles(packed.reshape(row_tiles, col_tiles, -1)).reshape(row_tiles, col_tiles, block)
+    u = nibbles[..., order].reshape(row_tiles, col_tiles, 8, block // 8)
+    return u.permute(0, 2, 1, 3).reshape(row_tiles * 8, col_tiles * block // 8)
+
+
+def _dequantize_tinygemm(
+    packed: torch.Tensor, scales_and_zeros: torch.Tensor, order: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """w = (u - 8) x scale + zero from the tinygemm layout and its (in/group, out, 2) scales and zeros."""
+    u = _tinygemm_to_unsigned(packed, order)
+    out_features = u.shape[0]
+    scale = scales_and_zeros[..., 0].t().unsqueeze(-1)
+    zero = scales_and_zeros[..., 1].t().unsqueeze(-1)
+    w = (u.reshape(out_features, -1, group_size).to(scale.dtype) - 8) * scale + zero
+    return w.reshape(out_features, -1)
+
+
+@torch.compile(dynamic=False)
+def _dequantize_tinygemm_compiled(packed, scales_and_zeros, order, group_size: int) -> torch.Tensor:
+    return _dequantize_tinygemm(packed, scales_and_zeros, order, group_size)
 
 
 @torch.compile(dynamic=False)
@@ -99,6 +171,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_int4", weight)
         self.register_buffer("scales", scales)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        # tinygemm on CUDA: how to read the weights back for many-row calls (tinygemm_unpack_order);
+        # shared by the layers of one tile width, not a buffer (no state of its own).
+        self.unpack_order: torch.Tensor | None = None
 
     @classmethod
     def from_compressed(
@@ -125,15 +200,22 @@ class Int4Linear(nn.Module):
             nibbles = (u[:, 0::2] << 4) | u[:, 1::2]
             return cls(in_features, out_features, group_size, kernel, nibbles.contiguous(), scale, bias)
         tiles = _inner_k_tiles(in_features)
+        order = None
         if u.device.type == "cuda":
-            weight = torch.ops.aten._convert_weight_to_int4pack((u[:, 0::2] << 4) | u[:, 1::2], tiles)
+            weight = _convert_cuda((u[:, 0::2] << 4) | u[:, 1::2], tiles)
+            order = tinygemm_unpack_order(tiles, u.device)
+            # Checked on every layer: the prefill path reads the weights back through this order.
+            if order is not None and not torch.equal(_tinygemm_to_unsigned(weight, order).to(torch.uint8), u):
+                order = None
         else:
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), tiles)
         # (in/group, out, 2): scale and zero of one group side by side; zero = 0 (symmetric int4).
         scales_and_zeros = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1).contiguous()
-        return cls(
+        layer = cls(
             in_features, out_features, group_size, kernel, weight, scales_and_zeros, bias, inner_k_tiles=tiles
         )
+        layer.unpack_order = order
+        return layer
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (out, in) weight in the compute dtype (the `dequant` layout only)."""
@@ -147,6 +229,16 @@ class Int4Linear(nn.Module):
         if self.kernel == "dequant":
             return F.linear(x.to(self.scales.dtype), self.dequantized_weight(), self.bias)
         rows = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
+        if rows.shape[0] > TINYGEMM_MAX_ROWS and self.unpack_order is not None:
+            if torch.compiler.is_compiling():
+                weight = _dequantize_tinygemm(
+                    self.weight_int4, self.scales, self.unpack_order, self.group_size
+                )
+            else:
+                weight = _dequantize_tinygemm_compiled(
+                    self.weight_int4, self.scales, self.unpack_order, self.group_size
+                )
+            return F.linear(x.to(self.scales.dtype), weight, self.bias)
         if rows.is_cuda:
             out = torch.ops.aten._weight_int4pack_mm(rows, self.weight_int4, self.group_size, self.scales)
         else:
