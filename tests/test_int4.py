@@ -56,7 +56,7 @@ def test_loaded_quantized_model_holds_four_bits_per_weight(cfg, quantized):
     assert loaded.kind == "quantized"
     int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
     assert len(int4) == 2 * 7 and all(LM_LINEAR.match(n) for n in int4)
-    assert {m.kernel for m in int4.values()} == {"tinygemm"}  # eval.int4_kernel auto at batch 1
+    assert {m.kernel for m in int4.values()} == {"tinygemm"}  # eval.int4_kernel's default
     # No unpacked copy anywhere: no float weight in the language model's linears, no hook that would
     # decompress on the first forward, and the vision tower and lm_head untouched (float weights).
     assert not hasattr(model, "ct_decompress_hook")
@@ -72,9 +72,9 @@ def test_loaded_quantized_model_holds_four_bits_per_weight(cfg, quantized):
     # 2 bits per weight, 6 in all (bf16 in groups of 128 on the GPU: 4.25 bits).
     assert linear_bytes * 8 / storage["weights"] == pytest.approx(4 + 2 * 32 / 32)
 
-    batched_cfg = cfg.model_copy(deep=True)
-    batched_cfg.eval.batch_size = 32
-    batched = load_for_inference(batched_cfg, str(quantized)).model
+    dequant_cfg = cfg.model_copy(deep=True)
+    dequant_cfg.eval.int4_kernel = "dequant"
+    batched = load_for_inference(dequant_cfg, str(quantized)).model
     assert {m.kernel for m in batched.modules() if isinstance(m, Int4Linear)} == {"dequant"}
     assert int4_storage(batched)["packed_bytes"] == storage["packed_bytes"]
     assert int4_storage(batched)["scale_bytes"] * 2 == storage["scale_bytes"]  # no zero offsets
@@ -149,10 +149,11 @@ def test_preflight_eval_estimate_counts_the_packed_model(cfg):
     stored = estimate_eval_vram(shape, one, packed_bytes=30 * GIB)
     assert stored.items[0].bytes == 30 * GIB
     assert stored.total_bytes == pytest.approx(computed.total_bytes - weights + 30 * GIB)
-    # Batched eval picks the dequant kernel: one linear in bf16 while it runs, no zero offsets.
-    batched = estimate_eval_vram(shape, one, batch_size=64, packed_bytes=30 * GIB)
-    names = [i.name for i in batched.items]
-    assert "one linear dequantized (bf16)" in names and "int4 kernel zero offsets (bf16)" not in names
+    names = [i.name for i in stored.items]
+    assert "one linear read back to bf16" in names and "int4 kernel zero offsets (bf16)" in names
+    one.eval.int4_kernel = "dequant"  # plain nibbles: no zero offsets
+    names = [i.name for i in estimate_eval_vram(shape, one, packed_bytes=30 * GIB).items]
+    assert "one linear read back to bf16" in names and "int4 kernel zero offsets (bf16)" not in names
 
 
 def test_weights_read_back_from_a_tile_permuted_layout():

@@ -805,6 +805,15 @@ def smoke_config(layers: int = 2):
     return config
 
 
+# The benchmark's rows: tinygemm up to this batch size, the dequant layout above (and, for
+# `tinygemm_batches`, tinygemm's read-back to bf16), so both batched layouts are measured.
+BENCH_TINYGEMM_MAX_BATCH = 4
+
+
+def bench_kernel(batch_size: int) -> str:
+    return "tinygemm" if batch_size <= BENCH_TINYGEMM_MAX_BATCH else "dequant"
+
+
 def run_int4_benchmark(
     out_path: Path,
     batches: tuple[int, ...] = (1, 32, 128),
@@ -819,12 +828,12 @@ def run_int4_benchmark(
     smoke: bool = False,
 ) -> dict[str, Any]:
     """Generation with the quantized model's int4 paths on the 32B shape (random weights), each batch size
-    with the kernel `eval.int4_kernel: auto` picks for it (tinygemm up to 4 images, dequant above),
+    with the layout `bench_kernel` gives it (tinygemm up to 4 images, dequant above),
     batch sizes in `static_batches` also with the compiled static cache; then, if time is left before
     `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. Every setting is
     written to `out_path` as soon as it is measured."""
     from pcbvlm.config import load_config
-    from pcbvlm.int4 import TINYGEMM_MAX_BATCH, choose_kernel, int4_storage
+    from pcbvlm.int4 import int4_storage
     from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
 
     started = time.perf_counter()
@@ -883,7 +892,7 @@ def run_int4_benchmark(
         return model
 
     begin = time.perf_counter()
-    kernel = choose_kernel("auto", batches[0] if batches else 1)
+    kernel = bench_kernel(batches[0] if batches else 1)
     model = build("bf16")
     quantize_language_model_int4(model, kernel)
     results["int4_build_s"] = round(time.perf_counter() - begin, 1)
@@ -903,14 +912,12 @@ def run_int4_benchmark(
     # (batch, cache, prompt-lookup tokens, kernel), most telling first: batch 1 (static, dynamic,
     # dynamic + prompt lookup), then the batched sizes with the kernel auto picks, then the batched sizes
     # on the tinygemm layout (many-row calls read its weights back to bf16: no second copy needed).
-    runs = [(b, "static", 0, choose_kernel("auto", b)) for b in static_batches]
-    runs += [(b, None, 0, choose_kernel("auto", b)) for b in batches if b <= TINYGEMM_MAX_BATCH]
+    runs = [(b, "static", 0, bench_kernel(b)) for b in static_batches]
+    runs += [(b, None, 0, bench_kernel(b)) for b in batches if b <= BENCH_TINYGEMM_MAX_BATCH]
     if prompt_lookup and 1 in batches:
         runs.append((1, None, prompt_lookup, "tinygemm"))
     runs += [
-        (b, None, 0, choose_kernel("auto", b))
-        for b in sorted(batches, reverse=True)
-        if b > TINYGEMM_MAX_BATCH
+        (b, None, 0, bench_kernel(b)) for b in sorted(batches, reverse=True) if b > BENCH_TINYGEMM_MAX_BATCH
     ]
     runs += [(b, None, 0, "tinygemm") for b in tinygemm_batches]
     for batch_size, cache, lookup, wanted in runs:

@@ -113,10 +113,11 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
             quant = (config.get("quantization_config") or {}).get("quant_method")
             kind = "quantized" if quant == "compressed-tensors" else "merged"
             if kind == "quantized":
-                from pcbvlm.int4 import choose_kernel, load_int4_model
+                from pcbvlm.int4 import load_int4_model
 
-                kernel = choose_kernel(cfg.eval.int4_kernel, cfg.eval.batch_size)
-                model = load_int4_model(ref, dtype, kernel, cfg.model.attn_implementation, device)
+                model = load_int4_model(
+                    ref, dtype, cfg.eval.int4_kernel, cfg.model.attn_implementation, device
+                )
             else:
                 model = Qwen3VLForConditionalGeneration.from_pretrained(
                     ref,

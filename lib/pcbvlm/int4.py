@@ -6,16 +6,16 @@ the first forward pass (`CompressedLinear`, which ran packed weights, was remove
 So the folder is loaded with `dequantize=False` (the linears keep `weight_packed` + `weight_scale`) and
 each W4A16 group-quantized linear is then repacked, one at a time, into an `Int4Linear`:
 
-- `tinygemm` (few rows per call: batch-1 decoding): torch's int4 weight-only kernel
-  (`aten._weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU). It reads 4 bits per
-  weight, but its cost grows with the rows (H200, the 32B's linears: 10.2 ms per token at 1 row,
-  24.7 at 8, 71 at 32).
-- `dequant` (many rows: batched decoding, prefill): the nibbles stay in RAM as uint8 (2 per byte) and
-  each call dequantizes the layer's weight to the compute dtype and runs a plain matmul (on a GPU the
-  dequantization is one compiled elementwise kernel, so the bf16 copy of one layer is the only temp).
-
-Both hold the same 4 bits per weight + one scale per group; which one is chosen once at load
-(`eval.int4_kernel`, auto: by eval.batch_size), since keeping both would double the weights.
+- `tinygemm` (the default, `eval.int4_kernel`): torch's int4 weight-only kernel layout
+  (`aten._weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU). The kernel reads 4
+  bits per weight but re-reads the weight for every 16 rows (H200, the 32B's linears: 10.2 ms per token
+  at 1 row, 24.7 at 8, 71 at 32), so on CUDA a call with more than `TINYGEMM_MAX_ROWS` rows (a prompt's
+  prefill, batched decoding) reads the layer's weight back from that layout to bf16 (one compiled
+  kernel; the permutation of the layout is found by probes and checked on every layer at load) and
+  runs a plain matmul. The kernel is thus chosen per call by the number of rows, from one copy.
+- `dequant`: the nibbles kept as uint8 (2 per byte), every call dequantizes to bf16 and runs a plain
+  matmul. Slower than tinygemm's read-back on the H200 at batch 128 (BENCHMARKS.md); kept as the
+  simple reference layout.
 
 Conventions. compressed-tensors stores symmetric int4 q in [-8, 7] (no zero point), packed 8 per int32
 with element i at bits 4i..4i+3 as the unsigned q + 8, and one scale per `group_size` input channels:
@@ -37,18 +37,10 @@ from torch import nn
 from pcbvlm.errors import UserError
 
 Kernel = Literal["tinygemm", "dequant"]
-# eval.int4_kernel: auto picks tinygemm up to this batch size (its cost per row grows; BENCHMARKS.md).
-TINYGEMM_MAX_BATCH = 4
 # A tinygemm layer called with more rows than this (the prompt's prefill) dequantizes its weight from the
 # tinygemm layout and runs a bf16 matmul instead: the kernel re-reads the weight per 16-row tile, so a
 # 700-token prompt would cost ~45 weight reads.
 TINYGEMM_MAX_ROWS = 16
-
-
-def choose_kernel(setting: str, batch_size: int) -> Kernel:
-    if setting in ("tinygemm", "dequant"):
-        return setting  # type: ignore[return-value]
-    return "tinygemm" if batch_size <= TINYGEMM_MAX_BATCH else "dequant"
 
 
 def unpack_int32(packed: torch.Tensor, in_features: int) -> torch.Tensor:

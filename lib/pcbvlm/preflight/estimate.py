@@ -472,7 +472,7 @@ def estimate_eval_vram(
     Weights: `w4a16` (the AWQ output, run packed by `pcbvlm.int4`: 4 bits + one bf16 scale per
     quantize.group_size weights for the decoder linears, bf16 for the rest; `packed_bytes`, the
     quantized folder's safetensors, replaces the computed size when the folder exists; the tinygemm
-    kernel adds a bf16 zero per group, the dequant kernel one layer's weight in bf16 while it runs) or
+    layout adds a bf16 zero per group, and a many-row matmul one layer's weight in bf16) or
     `nf4` (the QLoRA base plus the fp32 adapter; bf16 for the rest). KV cache:
     batch x (prompt + max_new_tokens) x layers x 2 (k, v) x kv heads x head_dim x 2 B. Transient: the
     prefill of one layer (batch x prompt tokens x (3 x intermediate + hidden) x 2 B) or the vision tower.
@@ -484,8 +484,6 @@ def estimate_eval_vram(
     prompt = sample_tokens(cfg, shape) - ANSWER_TOKENS
     context = prompt + cfg.eval.max_new_tokens
     if weights == "w4a16":
-        from pcbvlm.int4 import choose_kernel
-
         group = cfg.quantize.group_size
         bits = 4 + 16 / group
         if packed_bytes:
@@ -501,15 +499,15 @@ def estimate_eval_vram(
                 Item("LM decoder linears (W4A16)", counts.lm_linears * bits / 8, f"{bits:.3f} bit, AWQ"),
                 Item("vision + embeddings + lm_head (bf16)", counts.not_quantized * 2, "left unquantized"),
             ]
-        if choose_kernel(cfg.eval.int4_kernel, batch) == "tinygemm":
+        if cfg.eval.int4_kernel == "tinygemm":
             items.append(
                 Item("int4 kernel zero offsets (bf16)", counts.lm_linears / group * 2, "tinygemm layout")
             )
-        else:
-            biggest = max(a * b for a, b in shape.decoder_linears().values())
-            items.append(
-                Item("one linear dequantized (bf16)", biggest * 2, "int4 dequant kernel, per layer", "held")
-            )
+        # Prefill and batched steps read one layer's weight back to bf16 at a time (both layouts).
+        biggest = max(a * b for a, b in shape.decoder_linears().values())
+        items.append(
+            Item("one linear read back to bf16", biggest * 2, "int4 layer during a many-row matmul", "held")
+        )
     else:
         items = _weight_items(shape, counts, "nf4", 2)
         lora = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules, cfg.lora.train_merger)
