@@ -28,6 +28,7 @@ numbers. The vision tower and lm_head are not quantized (quantize.ignore) and st
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -321,13 +322,16 @@ def load_int4_model(path, dtype: torch.dtype, kernel: Kernel, attn_implementatio
     """A compressed-tensors W4A16 folder loaded with its linears in 4 bits (see the module docstring)."""
     from transformers import CompressedTensorsConfig, Qwen3VLForConditionalGeneration
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        path,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        device_map={"": 0} if device == "cuda" else None,
-        quantization_config=CompressedTensorsConfig(dequantize=False),
-    )
+    with warnings.catch_warnings():
+        # "the model you're loading already has a quantization_config": only `dequantize` is overridden.
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            device_map={"": 0} if device == "cuda" else None,
+            quantization_config=CompressedTensorsConfig(dequantize=False),
+        )
     repack_compressed_linears(model, kernel, dtype)
     if device == "cuda":
         torch.cuda.empty_cache()
