@@ -22,8 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--format",
         default="deeppcb",
         choices=list(FORMATS),
-        help="layout of the source: "
-        + "; ".join(f"{name}: {fmt.layout}" for name, fmt in FORMATS.items()),
+        help="layout of the source: " + "; ".join(f"{name}: {fmt.layout}" for name, fmt in FORMATS.items()),
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--src", type=Path, help="the dataset folder (DeepPCB: default paths.deeppcb_dir)")

@@ -327,8 +327,9 @@ def answer_agreement(samples: list[dict[str, Any]], reference: list[str], other:
     rows, matched, n_ref, n_other = [], 0, 0, 0
     for sample, ref_text, text in zip(samples, reference, other, strict=True):
         width, height = int(sample["width"]), int(sample["height"])
-        ref_objects = parse_answer(ref_text, width, height).objects
-        objects = parse_answer(text, width, height).objects
+        classes = sample.get("classes")  # the dataset's class list (pcbvlm.samples)
+        ref_objects = parse_answer(ref_text, width, height, classes).objects
+        objects = parse_answer(text, width, height, classes).objects
         pairs = _greedy_matches(ref_objects, objects)
         matched += pairs
         n_ref += len(ref_objects)
