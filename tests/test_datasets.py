@@ -666,3 +666,38 @@ def test_voc_without_classes_file_uses_the_names_found_sorted(clean_sources, tmp
     assert list(conversion.classes) == sorted(found)
     prompt = conversion.samples["test"][0]["messages"][0]["content"][-1]["text"]
     assert render_prompt("{classes}", sorted(found)) in prompt
+
+
+def test_non_square_samples_batch_for_training_and_draw_overlays(boards, tiny_processor, tmp_path):
+    """Imported non-square boards go through the training collator (a non-square visual grid, labels on
+    the answer only) and through scoring with overlays drawn at the image's own size."""
+    from pcbvlm.collator import IGNORE_INDEX, TrainCollator
+
+    _, _, board_list = boards
+    src = write_yolo(board_list, tmp_path / "yolo")
+    out = tmp_path / "converted"
+    prepare_data(
+        _config(), source=src, out_dir=out, fmt="yolo", strict=True, progress=False, console=_quiet()
+    )
+    width, height = board_list[0].width, board_list[0].height
+
+    sample = load_samples(out, "train")[0]
+    encoded = TrainCollator(tiny_processor).encode(sample)
+    _, grid_h, grid_w = encoded["image_grid_thw"][0].tolist()
+    assert (grid_w > grid_h) == (width > height) and (grid_w == grid_h) == (width == height)
+    labels = [t for t in encoded["labels"].tolist() if t != IGNORE_INDEX]
+    assert (
+        tiny_processor.tokenizer.decode(labels) == sample["messages"][1]["content"][0]["text"] + "<|im_end|>"
+    )
+
+    samples = load_scoring_samples(out, "test")
+    # Every prediction misses its first box: each image has an error, so each gets an overlay.
+    predictions = [
+        {"id": s["id"], "objects": [{**o, "score": 0.9} for o in s["objects"][1:]]} for s in samples
+    ]
+    score_predictions(predictions, samples, tmp_path / "eval", worst_n=len(samples))
+    overlays = sorted((tmp_path / "eval" / "overlays").glob("*.png"))
+    assert len(overlays) == len(samples)
+    for path in overlays:
+        with Image.open(path) as img:
+            assert img.size == (width, height)
