@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from pcbvlm.collator import image_paths, load_image
 from pcbvlm.config import Config
-from pcbvlm.deeppcb import build_messages
 from pcbvlm.errors import UserError
 from pcbvlm.io import is_partial
 from pcbvlm.parsing import mean_token_scores, parse_answer
+from pcbvlm.samples import build_messages
 
 log = logging.getLogger(__name__)
 
