@@ -86,7 +86,9 @@ def load_samples(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
         raise DataError(f"split {split!r}: expected one of {', '.join(OUTPUT_SPLITS)}")
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
-        raise DataError(f"{path}: converted data not found (run `make data DEEPPCB_DIR=...` first)")
+        raise DataError(
+            f"{path}: converted data not found (run `make data` first: DEEPPCB_DIR=... or FORMAT=coco|yolo|voc SRC=...)"
+        )
     return read_jsonl(path)
 
 

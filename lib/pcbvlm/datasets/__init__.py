@@ -46,18 +46,22 @@ def prepare_data(
 
     `source` is the dataset folder (`deeppcb_dir` is its older name, for DeepPCB); DeepPCB falls back
     to `cfg.paths.deeppcb_dir`, which is also set to the source so that the resolved config written
-    beside the outputs records the paths actually used. `out_dir` overrides `cfg.paths.data_dir`.
+    beside the outputs records the paths actually used (stats.json records source and format for every
+    format). `out_dir` overrides `cfg.paths.data_dir`.
     """
     dataset = get_format(fmt)
     cfg = cfg.model_copy(deep=True)
     source = source if source is not None else deeppcb_dir
     if source is None and fmt != "deeppcb":
         raise DataError(f"FORMAT={fmt}: give the dataset folder with SRC=... ({dataset.layout})")
-    if source is not None:
+    if fmt == "deeppcb" and source is not None:
         cfg.paths.deeppcb_dir = Path(source)
     if out_dir is not None:
         cfg.paths.data_dir = Path(out_dir)
-    conversion = dataset.convert(cfg.paths.deeppcb_dir, cfg.data, progress=progress)
+    # Other formats have no config key for their folder: stats.json records source and format.
+    conversion = dataset.convert(
+        cfg.paths.deeppcb_dir if fmt == "deeppcb" else source, cfg.data, progress=progress
+    )
     print_summary(conversion, console)
     _warn_unnamed_classes(conversion, console)
     if strict and conversion.problems:
