@@ -125,9 +125,10 @@ synth: $(JOB_DEPS) ## generate a synthetic DeepPCB-layout dataset (N=64 OUT=data
 	$(call announce,synth)
 	$(JOBPY) jobs/synth_data.py --num $(or $(N),64) --out $(or $(OUT),data/synth/DeepPCB)
 
-data: $(JOB_DEPS) ## convert DeepPCB (DEEPPCB_DIR=...) to Qwen3-VL grounding jsonl (DATA_DIR=...)
+data: $(JOB_DEPS) ## convert FORMAT=deeppcb|coco|yolo|voc SRC=... (DeepPCB: DEEPPCB_DIR=...) to grounding jsonl (DATA_DIR=...)
 	$(call announce,data)
-	$(JOBPY) jobs/prepare_data.py $(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)) \
+	$(JOBPY) jobs/prepare_data.py $(if $(FORMAT),--format $(FORMAT)) \
+	    $(if $(SRC),--src $(SRC),$(if $(filter deeppcb,$(or $(FORMAT),deeppcb)),$(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)))) \
 	    $(if $(DATA_DIR),--out $(DATA_DIR)) $(if $(STRICT),--strict)
 
 train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no); runs preflight first

@@ -140,8 +140,8 @@ def benchmark_sample(workdir: Path, cfg, boxes: int = 7) -> dict[str, Any]:
     """A DeepPCB-like training sample: a synthetic 640x640 board and an answer with `boxes` boxes."""
     import numpy as np
 
-    from pcbvlm.deeppcb import build_messages
     from pcbvlm.labels import LABELS
+    from pcbvlm.samples import build_messages
     from pcbvlm.synth import generate_sample
 
     synth = generate_sample(0, seed=0)

@@ -47,21 +47,24 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
+    # {classes} in a prompt becomes the dataset's class names, comma separated (pcbvlm.samples.render_prompt).
     prompt: str = (
         "Find every defect on this printed circuit board image. The defect classes are: "
-        "open, short, mousebite, spur, copper, pin-hole. Answer with a JSON list of objects "
+        "{classes}. Answer with a JSON list of objects "
         '{"bbox_2d": [x1, y1, x2, y2], "label": class} in 0-1000 relative coordinates; '
         "answer [] if there is no defect."
     )
     template_prompt: str = (
         "The first image is the defect-free template of the board; the second image is the board under test. "
         "Find every defect on the board under test. The defect classes are: "
-        "open, short, mousebite, spur, copper, pin-hole. Answer with a JSON list of objects "
+        "{classes}. Answer with a JSON list of objects "
         '{"bbox_2d": [x1, y1, x2, y2], "label": class} in 0-1000 relative coordinates of the second image; '
         "answer [] if there is no defect."
     )
     with_template: bool = False  # show the defect-free template before the test image
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # Share held out as test when the source has no test split (COCO; YOLO or VOC without one).
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_seed: int = 0
     exclude_ids: list[str] = ["44000020"]  # 44000020_test.jpg has its labels drawn on it
     # Images are resized by the processor to at most max_pixels (the main memory lever):

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from pcbvlm.collator import image_paths, load_image
 from pcbvlm.config import Config
-from pcbvlm.deeppcb import build_messages
 from pcbvlm.errors import UserError
 from pcbvlm.io import is_partial
 from pcbvlm.parsing import mean_token_scores, parse_answer
+from pcbvlm.samples import build_messages
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +274,12 @@ def generate_batch(
     return results
 
 
-def to_prediction(text: str, offsets, probs, sample_id: str, width: int, height: int) -> dict[str, Any]:
-    """One predictions.jsonl line: parsed pixel boxes, each scored by its tokens' mean probability."""
-    parsed = parse_answer(text, width, height)
+def to_prediction(
+    text: str, offsets, probs, sample_id: str, width: int, height: int, classes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """One predictions.jsonl line: parsed pixel boxes, each scored by its tokens' mean probability.
+    `classes`: the dataset's class names (DeepPCB's when None)."""
+    parsed = parse_answer(text, width, height, classes)
     parsed = parsed.with_scores(mean_token_scores(parsed.spans, offsets, probs))
     return parsed.to_prediction(sample_id, text)
 
@@ -303,7 +306,13 @@ def generate_predictions(
             for sample, (text, offsets, probs) in zip(chunk, outputs, strict=True):
                 predictions.append(
                     to_prediction(
-                        text, offsets, probs, str(sample["id"]), int(sample["width"]), int(sample["height"])
+                        text,
+                        offsets,
+                        probs,
+                        str(sample["id"]),
+                        int(sample["width"]),
+                        int(sample["height"]),
+                        sample.get("classes"),
                     )
                 )
             bar.update(len(chunk))

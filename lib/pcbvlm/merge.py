@@ -145,7 +145,7 @@ def merge_dtype(cfg: Config, device: str) -> torch.dtype:
 def verification_samples(cfg: Config, count: int) -> list[dict[str, Any]]:
     """The first `count` samples of val.jsonl (train.jsonl when there is no validation split): the same
     samples for every run, so reports stay comparable."""
-    from pcbvlm.deeppcb import load_samples
+    from pcbvlm.samples import load_samples
 
     if count <= 0:
         return []

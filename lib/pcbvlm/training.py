@@ -458,7 +458,6 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     from transformers import set_seed
 
     from pcbvlm.collator import TrainCollator
-    from pcbvlm.deeppcb import load_samples
     from pcbvlm.modeling import (
         apply_fused_kernels,
         apply_lora,
@@ -470,6 +469,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         use_fused_kernels,
     )
     from pcbvlm.processing import load_processor
+    from pcbvlm.samples import load_samples
 
     device = resolve_device(cfg)
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
