@@ -10,10 +10,10 @@ from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 
 import test_quantize
-from pcbvlm.deeppcb import build_messages, load_samples
 from pcbvlm.generate import generate_batch, load_for_inference
 from pcbvlm.int4 import Int4Linear, int4_storage, load_int4_model, unpack_int32
 from pcbvlm.quantize import answer_agreement
+from pcbvlm.samples import build_messages, load_samples
 from test_quantize import LM_LINEAR
 
 # The tiny model's `make merge` and `make quantize` outputs (test_quantize's fixtures, built once here).
