@@ -136,6 +136,13 @@ class EvalConfig(Section):
     # static: a pre-allocated KV cache and a compiled decoding step (CUDA graphs) on a GPU; much faster
     # per token, after a compilation per batch shape (BENCHMARKS.md). dynamic: plain HF generate.
     kv_cache: Literal["dynamic", "static"] = "dynamic"
+    # A quantized (compressed-tensors W4A16) model runs packed (pcbvlm.int4): tinygemm (torch's int4 kernel
+    # for a few rows, its weights read back to bf16 per layer for many) or dequant (plain nibbles, always
+    # dequantized per layer; slower on the H200).
+    int4_kernel: Literal["tinygemm", "dequant"] = "tinygemm"
+    # Batch 1 only: draft up to N tokens by prompt lookup (repeated n-grams: the answer's JSON scaffolding)
+    # and verify them in one forward pass; the same greedy answer. 0 = off. Needs the dynamic KV cache.
+    prompt_lookup_tokens: int = Field(0, ge=0)
     worst_n: int = Field(8, ge=0)
     limit: int = Field(0, ge=0)  # evaluate only the first N samples (0 = all)
 

@@ -337,7 +337,9 @@ def _gpu_estimate(cfg: Config, job: str, shape: ModelShape | None, facts: Facts)
     if job == "train":
         return est.estimate_train_vram(shape, cfg)
     if job == "eval":
-        return est.estimate_eval_vram(shape, cfg, weights=_eval_weights(facts))
+        return est.estimate_eval_vram(
+            shape, cfg, weights=_eval_weights(facts), packed_bytes=facts.quantized_bytes
+        )
     if job == "merge":
         return est.estimate_merge_memory(shape, cfg) if cfg.resources.merge_device == "cuda" else None
     return est.estimate_quantize_vram(shape, cfg)
@@ -366,7 +368,7 @@ def _check_vram(
     if job == "train":
         fix = est.suggest_train_fit(shape, cfg, free)
     elif job == "eval":
-        fix = est.suggest_eval_fit(shape, cfg, free, _eval_weights(facts))
+        fix = est.suggest_eval_fit(shape, cfg, free, _eval_weights(facts), facts.quantized_bytes)
     elif job == "quantize":
         fix = est.suggest_quantize_fit(shape, cfg, free)
     else:

@@ -460,12 +460,20 @@ def suggest_train_fit(model: Any, cfg: Config, free_bytes: float) -> str:
 
 
 def estimate_eval_vram(
-    model: Any, cfg: Config | None = None, *, batch_size: int | None = None, weights: str = "w4a16"
+    model: Any,
+    cfg: Config | None = None,
+    *,
+    batch_size: int | None = None,
+    weights: str = "w4a16",
+    packed_bytes: float | None = None,
 ) -> Estimate:
     """Peak GPU memory of batched generation.
 
-    Weights: `w4a16` (the AWQ output: 4 bits + one bf16 scale per quantize.group_size weights for the
-    decoder linears) or `nf4` (the QLoRA base plus the fp32 adapter); bf16 for the rest. KV cache:
+    Weights: `w4a16` (the AWQ output, run packed by `pcbvlm.int4`: 4 bits + one bf16 scale per
+    quantize.group_size weights for the decoder linears, bf16 for the rest; `packed_bytes`, the
+    quantized folder's safetensors, replaces the computed size when the folder exists; the tinygemm
+    layout adds a bf16 zero per group, and a many-row matmul one layer's weight in bf16) or
+    `nf4` (the QLoRA base plus the fp32 adapter; bf16 for the rest). KV cache:
     batch x (prompt + max_new_tokens) x layers x 2 (k, v) x kv heads x head_dim x 2 B. Transient: the
     prefill of one layer (batch x prompt tokens x (3 x intermediate + hidden) x 2 B) or the vision tower.
     """
@@ -476,11 +484,30 @@ def estimate_eval_vram(
     prompt = sample_tokens(cfg, shape) - ANSWER_TOKENS
     context = prompt + cfg.eval.max_new_tokens
     if weights == "w4a16":
-        bits = 4 + 16 / cfg.quantize.group_size
-        items = [
-            Item("LM decoder linears (W4A16)", counts.lm_linears * bits / 8, f"{bits:.3f} bit, AWQ"),
-            Item("vision + embeddings + lm_head (bf16)", counts.not_quantized * 2, "left unquantized"),
-        ]
+        group = cfg.quantize.group_size
+        bits = 4 + 16 / group
+        if packed_bytes:
+            items = [
+                Item(
+                    "quantized model as stored (W4A16 packed, rest bf16)",
+                    packed_bytes,
+                    "the safetensors of outputs/quantized, loaded without unpacking",
+                )
+            ]
+        else:
+            items = [
+                Item("LM decoder linears (W4A16)", counts.lm_linears * bits / 8, f"{bits:.3f} bit, AWQ"),
+                Item("vision + embeddings + lm_head (bf16)", counts.not_quantized * 2, "left unquantized"),
+            ]
+        if cfg.eval.int4_kernel == "tinygemm":
+            items.append(
+                Item("int4 kernel zero offsets (bf16)", counts.lm_linears / group * 2, "tinygemm layout")
+            )
+        # Prefill and batched steps read one layer's weight back to bf16 at a time (both layouts).
+        biggest = max(a * b for a, b in shape.decoder_linears().values())
+        items.append(
+            Item("one linear read back to bf16", biggest * 2, "int4 layer during a many-row matmul", "held")
+        )
     else:
         items = _weight_items(shape, counts, "nf4", 2)
         lora = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules, cfg.lora.train_merger)
@@ -615,13 +642,16 @@ def suggest_quantize_fit(model: Any, cfg: Config, free_bytes: float) -> str:
     return f"{head}: nothing fits (use a larger GPU, or free it)"
 
 
-def suggest_eval_fit(model: Any, cfg: Config, free_bytes: float, weights: str) -> str:
-    need = estimate_eval_vram(model, cfg, weights=weights)
+def suggest_eval_fit(
+    model: Any, cfg: Config, free_bytes: float, weights: str, packed_bytes: float | None = None
+) -> str:
+    need = estimate_eval_vram(model, cfg, weights=weights, packed_bytes=packed_bytes)
     head = (
         f"eval batch {cfg.eval.batch_size} needs ~{need.total_gib:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
     )
     for batch in range(cfg.eval.batch_size - 1, 0, -1):
-        if estimate_eval_vram(model, cfg, batch_size=batch, weights=weights).total_bytes <= free_bytes:
+        fits = estimate_eval_vram(model, cfg, batch_size=batch, weights=weights, packed_bytes=packed_bytes)
+        if fits.total_bytes <= free_bytes:
             return f"{head}: eval.batch_size={batch} fits"
     return f"{head}: nothing fits even at batch 1 (use a larger GPU, or free it)"
 
