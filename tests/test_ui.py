@@ -302,6 +302,21 @@ def test_ui_job_refuses_a_bad_port_in_one_line():
     assert out.stderr.strip() == "ui: error: --port 70000: must be between 1 and 65535"
 
 
+def test_ui_job_says_when_its_port_is_taken():
+    from conftest import run_job
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_job("ui.py", "--config", str(ROOT / "config" / "tiny.yaml"), "--port", str(port))
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: cannot serve on 127.0.0.1:{port}: the port is in use or not allowed; give another PORT="
+    )
+    assert "Traceback" not in out.stderr
+
+
 # ------------------------------------------------------------------------------------------------------------
 # In a real browser
 
@@ -365,7 +380,7 @@ def browser(served_app):
     chromium, chromedriver = _chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2300"):
         options.add_argument(arg)
     # Any host but the app's fails to resolve: the page must work offline.
     options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
@@ -457,12 +472,8 @@ def test_browser_browse_an_evaluation_shows_metrics_curve_and_toggles(served_app
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys(value, Keys.ENTER)
 
-    # a folder that is not an evaluation
-    choose("eval-folder", str(eval_root / "compare-only"))
-    status = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#browse-status textarea")))
-    wait.until(lambda d: "not an evaluation folder" in status.get_attribute("value"))
-
     choose("eval-folder", str(eval_root / "merged-test"))
+    status = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#browse-status textarea")))
     wait.until(lambda d: status.get_attribute("value") == "ok")
     metrics = json.loads((eval_root / "merged-test" / "metrics.json").read_text())
     wait.until(
@@ -480,6 +491,11 @@ def test_browser_browse_an_evaluation_shows_metrics_curve_and_toggles(served_app
     wait.until(
         ec.text_to_be_present_in_element((By.ID, "comparison"), "delta (quantized-test - merged-test)")
     )
+    browser.find_element(By.CSS_SELECTOR, "#show-gt input").click()  # both again, for the picture
     _screenshot(browser, "ui-browse.png")
+
+    # a folder that is not an evaluation: a clear line in the page
+    choose("eval-folder", str(eval_root / "compare-only"))
+    wait.until(lambda d: "not an evaluation folder" in status.get_attribute("value"))
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     assert _requested_hosts(browser) == {"127.0.0.1"}, log.read_text()

@@ -572,7 +572,12 @@ def build_app(
                     summary = gr.Markdown(elem_id="inspect-summary")
                 with gr.Column(scale=2):
                     overlay = gr.Image(
-                        label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay"
+                        label="Overlay",
+                        type="pil",
+                        format="png",
+                        interactive=False,
+                        elem_id="overlay",
+                        height=520,
                     )
             boxes = gr.Dataframe(
                 headers=BOX_COLUMNS, label="Boxes (pixels)", interactive=False, elem_id="boxes"
@@ -623,7 +628,9 @@ def build_app(
             per_class_df = gr.Dataframe(
                 headers=PER_CLASS_COLUMNS, label="Per class", interactive=False, elem_id="per-class"
             )
-            pr_curve = gr.Image(label="Precision-recall", type="pil", interactive=False, elem_id="pr-curve")
+            pr_curve = gr.Image(
+                label="Precision-recall", type="pil", interactive=False, elem_id="pr-curve", height=340
+            )
             gr.Markdown("### Images, worst first (FP + FN under the DeepPCB matching)")
             with gr.Row():
                 image_pick = gr.Dropdown([], label="Image", elem_id="eval-image", scale=3)
@@ -706,6 +713,8 @@ def launch(
             prevent_thread_lock=not block,
             quiet=False,
         )
-    except OSError as err:
-        raise UserError(f"cannot serve on {host}:{port} ({err}); give another PORT=") from None
+    except OSError:  # Gradio's message names its own settings, not this job's
+        raise UserError(
+            f"cannot serve on {host}:{port}: the port is in use or not allowed; give another PORT="
+        ) from None
     return app
