@@ -380,7 +380,7 @@ def browser(served_app):
     chromium, chromedriver = _chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2300"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,3300"):
         options.add_argument(arg)
     # Any host but the app's fails to resolve: the page must work offline.
     options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
@@ -404,14 +404,30 @@ def _requested_hosts(driver) -> set[str]:
     return hosts
 
 
-def _screenshot(driver, name: str) -> None:
+def _loaded_image(driver, elem_id: str) -> str | None:
+    """The src of the image shown in a Gradio Image component once the browser has decoded it, else None."""
+    return driver.execute_script(
+        "const img = document.querySelector('#' + arguments[0] + ' img');"
+        "return img && img.complete && img.naturalWidth > 0 ? img.src : null;",
+        elem_id,
+    )
+
+
+def _screenshot(driver, name: str, down_to: str | None = None) -> None:
+    """With UI_SCREENSHOTS=folder: the window (down to the element with id down_to) as folder/name."""
     folder = os.environ.get("UI_SCREENSHOTS")
     if not folder:
         return
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
-    with Image.open(path) as shot:  # a palette PNG: a few times smaller, the same picture for a UI
+    with Image.open(path) as shot:
+        if down_to:
+            bottom = driver.execute_script(
+                "return document.getElementById(arguments[0]).getBoundingClientRect().bottom", down_to
+            )
+            shot = shot.crop((0, 0, shot.width, min(shot.height, int(bottom) + 16)))
+        # a palette PNG: a few times smaller, the same picture for a page of flat colours
         shot.convert("RGB").quantize(colors=128).save(path, optimize=True)
 
 
@@ -437,7 +453,7 @@ def test_browser_inspect_a_board_shows_overlay_table_and_json(served_app, browse
     assert "min_score" in browser.find_element(By.ID, "answer").text
     status = browser.find_element(By.CSS_SELECTOR, "#inspect-status textarea").get_attribute("value")
     assert status == "ok"
-    _screenshot(browser, "ui-inspect.png")
+    _screenshot(browser, "ui-inspect.png", down_to="answer")
 
     # not an image: a clear line in the page, no traceback
     fake = tmp_path / "notes.png"
@@ -482,17 +498,18 @@ def test_browser_browse_an_evaluation_shows_metrics_curve_and_toggles(served_app
     assert "mousebite" in browser.find_element(By.ID, "per-class").text
     pr = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#pr-curve img")))
     assert int(pr.get_attribute("naturalWidth")) > 500
-    overlay = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#eval-overlay img")))
-    before = overlay.get_attribute("src")
+    before = wait.until(lambda d: _loaded_image(d, "eval-overlay"))
     browser.find_element(By.CSS_SELECTOR, "#show-gt input").click()  # hide the ground truth
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#eval-overlay img").get_attribute("src") != before)
+    wait.until(lambda d: _loaded_image(d, "eval-overlay") not in (None, before))
 
     choose("compare-folder", str(eval_root / "quantized-test"))
     wait.until(
         ec.text_to_be_present_in_element((By.ID, "comparison"), "delta (quantized-test - merged-test)")
     )
+    hidden = _loaded_image(browser, "eval-overlay")
     browser.find_element(By.CSS_SELECTOR, "#show-gt input").click()  # both again, for the picture
-    _screenshot(browser, "ui-browse.png")
+    wait.until(lambda d: _loaded_image(d, "eval-overlay") not in (None, hidden))
+    _screenshot(browser, "ui-browse.png", down_to="comparison")
 
     # a folder that is not an evaluation: a clear line in the page
     choose("eval-folder", str(eval_root / "compare-only"))

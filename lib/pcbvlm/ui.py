@@ -448,9 +448,8 @@ def build_app(
     max_pixels: int = MAX_IMAGE_PIXELS,
 ):
     """The Gradio Blocks of the page (not launched)."""
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = (
-        "False"  # before gradio is imported: no version check, no telemetry
-    )
+    # Set before gradio is imported: no version check, no telemetry, no request leaves the machine.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
     inspector = Inspector(cfg, model_ref, max_pixels)
@@ -547,9 +546,8 @@ def build_app(
             a, b = check_eval_folder(folder_a, roots), check_eval_folder(folder_b, roots)
             header, rows = comparison_table(a, b)
             pr = b / PR_CURVE
-            return gr.update(value=rows, headers=header), Image.open(pr).convert(
-                "RGB"
-            ) if pr.is_file() else None
+            pr_image = Image.open(pr).convert("RGB") if pr.is_file() else None
+            return gr.update(value=rows, headers=header), pr_image
         except Exception as err:  # noqa: BLE001
             warn(_failure(err))
             return None, None
