@@ -87,7 +87,7 @@ define announce
 endef
 
 .PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint \
-        build build-cpu shell bench clean wheelhouse compose-dirs
+        build build-cpu shell bench clean wheelhouse compose-dirs ui
 
 help: ## list the targets
 	@echo "pcbvlm - fine-tune Qwen3-VL on DeepPCB. Usage: make <target> [CONFIG=...] [SET=\"k=v ...\"] [RUNNER=docker|local]"
@@ -160,6 +160,21 @@ infer: $(JOB_DEPS) ## find defects on IMAGE=path [TEMPLATE=path] [OUT=overlay.pn
 	$(call announce,infer)
 	$(JOBPY) jobs/infer.py --image $(IMAGE) $(if $(TEMPLATE),--template $(TEMPLATE)) \
 	    $(if $(OUT),--out $(OUT)) $(if $(MODEL),--model $(MODEL))
+
+# The web page binds to 127.0.0.1 unless HOST is given on the command line (HOST=0.0.0.0 on a rented machine's
+# exposed port); a HOST in the environment (some shells set one) is not taken. UI_HOST / UI_PORT in .env set defaults.
+UI_BIND_HOST := $(if $(filter command line,$(origin HOST)),$(HOST),$(or $(UI_HOST),127.0.0.1))
+UI_BIND_PORT := $(if $(filter command line,$(origin PORT)),$(PORT),$(or $(UI_PORT),7860))
+
+ui: $(JOB_DEPS) ## web page: inspect a board, browse evaluations [MODEL=... PORT=7860 HOST=127.0.0.1 EVALS=dir]
+	$(call announce,ui on http://$(UI_BIND_HOST):$(UI_BIND_PORT))
+ifeq ($(RUNNER),docker)
+	UI_HOST=$(UI_BIND_HOST) UI_PORT=$(UI_BIND_PORT) $(COMPOSE) run --rm --service-ports $(DOCKER_TTY) $(DOCKER_RUN_ARGS) ui \
+	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(MODEL)) $(if $(EVALS),--evals $(EVALS))
+else
+	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(MODEL)) \
+	    $(if $(EVALS),--evals $(EVALS))
+endif
 
 clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview; DELETE=path for a final model)
 	$(call announce,clean-cache)
