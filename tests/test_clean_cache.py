@@ -3,10 +3,7 @@ a real run removes exactly what its dry run listed, and never a final model unle
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -93,6 +93,8 @@ def _unreadable_file(path: Path) -> str | None:
         if path.suffix == ".safetensors":
             with path.open("rb") as fh:
                 size = int.from_bytes(fh.read(8), "little")
+                if size > path.stat().st_size:
+                    return "unreadable (bad header)"
                 header = json.loads(fh.read(size))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if path.stat().st_size < 8 + size + end:
@@ -925,6 +927,9 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     stopper.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    except BaseException:
+        _close_progress_bars(trainer)  # else the bar is redrawn after the error line at exit
+        raise
     finally:
         stopper.uninstall()
     seconds = time.perf_counter() - begin
@@ -986,6 +991,17 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
             f"{result.global_step} and stopped; run `make train` again to resume {run_dir.name}"
         )
     return result
+
+
+def _close_progress_bars(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for bar in (callback.training_bar, callback.prediction_bar):
+                if bar is not None:
+                    bar.close()
+            callback.training_bar = callback.prediction_bar = None
 
 
 def _last_train_loss(history: list[dict[str, Any]]) -> float | None:
