@@ -472,6 +472,15 @@ class CheckpointMarkerCallback:
     def __init__(self, is_main: bool):
         self.is_main = is_main
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # A save into a folder that already holds a checkpoint of this step (a resume from an older one)
+        # overwrites it: its old marker goes first, so that a kill mid-overwrite cannot leave it claiming
+        # complete. Runs after the callbacks that decide to save (DefaultFlowCallback, disk guard, signals).
+        if self.is_main and control.should_save:
+            marker = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / COMPLETE_MARKER
+            marker.unlink(missing_ok=True)
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
 
