@@ -253,6 +253,7 @@ def test_unfinished_run_keeps_its_newest_complete_checkpoint_not_a_broken_newer_
         "delete",
         "broken: no checkpoint.json (the save did not finish)",
     )
+    assert any(n.startswith("run-d: broken checkpoints checkpoint-9 (optimizer.pt has") for n in plan.notes)
     # A run with nothing complete keeps what it has: nothing better exists to resume from.
     assert actions["run-e/checkpoint-4"][0] == "keep"
     execute_plan(plan)

@@ -250,6 +250,9 @@ def plan_cleanup(
         problems = {step: checkpoint_problem(folder) for step, folder in steps}
         complete = [step for step, _ in steps if problems[step] is None]
         kept_complete = complete[-keep_here:] if keep_here else []
+        broken = [f"{folder.name} ({problems[step]})" for step, folder in steps if problems[step] is not None]
+        if broken:
+            plan.notes.append(f"{run}: broken checkpoint{'s' if len(broken) > 1 else ''} {', '.join(broken)}")
         for step, folder in steps:
             problem = problems[step]
             if folder.absolute() in named:
