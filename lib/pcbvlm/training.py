@@ -768,8 +768,10 @@ class _RunRecord:
     lock: RunLock | None = None
     manifest_path: Path | None = None
     manifest: dict[str, Any] | None = None
+    stopper: StopOnSignalCallback = field(default_factory=StopOnSignalCallback)
 
     def settle(self, err: BaseException | None) -> None:
+        self.stopper.uninstall()
         if err is not None and self.manifest is not None and self.manifest.get("status") == "running":
             interrupted = isinstance(err, KeyboardInterrupt)
             self.manifest.update(
@@ -887,6 +889,8 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         manifest["first_start"] = previous.get("first_start", started)
         atomic_write_json(manifest_path, manifest)
         record.manifest_path, record.manifest = manifest_path, manifest
+    # From here on a signal lets the run save and stop (after its first step, if it comes during loading).
+    record.stopper.install()
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they set up sharded model construction.
     args = build_training_arguments(cfg, run_dir, dtype, device, has_eval=bool(val_rows))
@@ -915,7 +919,7 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * state.num_processes
     metrics = MetricsCallback(run_dir / "metrics.jsonl", samples_per_step, is_main, resume_step)
     guard = DiskGuardCallback(run_dir, cfg.train.disk_reserve_gb)
-    stopper = StopOnSignalCallback()
+    stopper = record.stopper
     trainer = answer_logits_trainer()(
         model=model,
         args=args,
@@ -933,14 +937,12 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     if plan.resume_from and is_main:
         print(f"resuming {run_dir.name} from {plan.resume_from.name} (step {resume_step})", flush=True)
     begin = time.perf_counter()
-    stopper.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     except BaseException:
         _close_progress_bars(trainer)  # else the bar is redrawn after the error line at exit
         raise
-    finally:
-        stopper.uninstall()
+    stopper.uninstall()
     seconds = time.perf_counter() - begin
     stopped_early = guard.triggered_free is not None or stopper.received is not None
 
