@@ -179,10 +179,11 @@ ui: $(JOB_DEPS) ## web page: inspect a board, browse evaluations [MODEL=... PORT
 	$(call announce,ui on http://$(UI_BIND_HOST):$(UI_BIND_PORT))
 ifeq ($(RUNNER),docker)
 	UI_HOST=$(UI_BIND_HOST) UI_PORT=$(UI_BIND_PORT) $(COMPOSE) run --rm --service-ports $(DOCKER_TTY) $(DOCKER_RUN_ARGS) ui \
-	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(MODEL)) $(if $(EVALS),--evals $(EVALS))
+	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(call q,$(MODEL))) \
+	    $(if $(EVALS),--evals $(call q,$(EVALS))) || $(call failed,ui)
 else
-	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(MODEL)) \
-	    $(if $(EVALS),--evals $(EVALS))
+	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(call q,$(MODEL))) \
+	    $(if $(EVALS),--evals $(call q,$(EVALS))) || $(call failed,ui)
 endif
 
 clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview; DELETE=path for a final model)
