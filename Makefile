@@ -130,11 +130,11 @@ data: $(JOB_DEPS) ## convert DeepPCB (DEEPPCB_DIR=...) to Qwen3-VL grounding jso
 	$(JOBPY) jobs/prepare_data.py $(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)) \
 	    $(if $(DATA_DIR),--out $(DATA_DIR)) $(if $(STRICT),--strict)
 
-train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no); runs preflight first
+train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp|zero2 for several GPUs); runs preflight first
 	@$(MAKE) preflight JOB=train
 	$(call announce,train)
-	$(RUN_JOB)accelerate launch --config_file config/accelerate/$(or $(PROFILE),$(shell $(JOBPY) -m pcbvlm.config get train.accelerate_profile)).yaml \
-	    jobs/train.py $(if $(RESUME),--resume $(RESUME))
+	@# pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
+	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(PROFILE)) $(if $(RESUME),--resume $(RESUME))
 
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base
 	@$(MAKE) preflight JOB=merge

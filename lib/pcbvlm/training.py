@@ -410,6 +410,27 @@ def deepspeed_zero_stage() -> int | None:
     return None
 
 
+def launch_facts(state, device: str) -> dict[str, Any]:
+    """How many processes (and GPUs) this run uses, and how they talk: logged at start and kept in the
+    manifest, so a run launched with the wrong accelerate profile is visible at once."""
+    processes = state.num_processes
+    gpus = processes if device == "cuda" else 0
+    zero = deepspeed_zero_stage()
+    backend = state.backend or ("gloo" if processes > 1 else None)
+    how = f"DeepSpeed ZeRO-{zero}" if zero is not None else ("DDP" if processes > 1 else "single process")
+    where = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "CPU"
+    return {
+        "processes": processes,
+        "gpus": gpus,
+        "distributed": how,
+        "backend": backend,
+        "zero_stage": zero,
+        "description": f"{processes} process{'es' if processes != 1 else ''} ({where}, {how}"
+        + (f", {backend}" if processes > 1 and backend else "")
+        + ")",
+    }
+
+
 def build_training_arguments(cfg: Config, run_dir: Path, dtype: torch.dtype, device: str, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -475,6 +496,9 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
     state = PartialState(cpu=device == "cpu")
     is_main = state.is_main_process
+    launch = launch_facts(state, device)
+    if is_main:
+        print(f"training on {launch['description']}", flush=True)
     data_dir = Path(cfg.paths.data_dir)
     train_rows = load_samples(data_dir, "train")
     # A run without val.jsonl (val_fraction 0) trains without eval loss.
@@ -512,6 +536,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         "packages": package_versions(),
         "gpu": gpu_facts(),
         "world_size": state.num_processes,
+        "launch": launch,
         "dtype": str(dtype).removeprefix("torch."),
         "fused_kernels": "liger" if fused else "none",
         "start": started,
