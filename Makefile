@@ -119,7 +119,7 @@ lock: ## re-resolve requirements/*.in into the hashed locks (uv; needs PyPI)
 
 preflight: $(JOB_DEPS) ## check GPU, RAM, disk, packages against what JOB=train|merge|quantize|eval needs
 	$(call announce,preflight JOB=$(JOB))
-	$(JOBPY) jobs/preflight.py --job $(JOB)
+	$(JOBPY) jobs/preflight.py --job $(JOB) $(if $(PROFILE),--profile $(PROFILE))
 
 synth: $(JOB_DEPS) ## generate a synthetic DeepPCB-layout dataset (N=64 OUT=data/synth/DeepPCB)
 	$(call announce,synth)

@@ -388,11 +388,28 @@ def answer_logits_trainer():
     """transformers' Trainer computing logits only where the loss needs them (see keep_answer_logits)."""
     from transformers import Trainer
 
-    from pcbvlm.collator import keep_answer_logits
+    from pcbvlm.collator import IGNORE_INDEX, keep_answer_logits
 
     class AnswerLogitsTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Qwen3-VL declares accepts_loss_kwargs=False (its forward ignores num_items_in_batch), so the
+            # Trainer would average each process's (and each accumulated micro-batch's) own token mean:
+            # 2 processes x micro-batch 2 would not train like 1 x 4. With this flag the Trainer counts
+            # the answer tokens of the whole optimizer step (all processes, all micro-batches) and
+            # compute_loss below weighs each micro-batch's mean by its share of them.
+            self.model_accepts_loss_kwargs = True
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return super().compute_loss(model, keep_answer_logits(inputs), return_outputs, num_items_in_batch)
+            inputs = keep_answer_logits(inputs)
+            if num_items_in_batch is None:  # evaluation
+                return super().compute_loss(model, inputs, return_outputs)
+            outputs = model(**inputs)
+            local_tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            loss = outputs.loss * local_tokens / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP / DeepSpeed average the gradients
+            return (loss, outputs) if return_outputs else loss
 
     return AnswerLogitsTrainer
 
