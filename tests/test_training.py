@@ -361,3 +361,18 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(cfg, processor, tin
     torch.testing.assert_close(
         model(**sliced, num_items_in_batch=n).loss, model(**batch, num_items_in_batch=n).loss
     )
+
+
+def test_deepspeed_configs_leave_no_size_to_guess_from_the_model_config():
+    """accelerate fills these `auto` values from `model.config.hidden_size`, which Qwen3-VL's config does
+    not have (it is `text_config.hidden_size`): on 2 H200s `accelerator.prepare` failed on them."""
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    assert not hasattr(qwen3_vl_32b_config(), "hidden_size")
+    for stage in (2, 3):
+        zero = json.loads((ROOT / "config" / "deepspeed" / f"zero{stage}.json").read_text())[
+            "zero_optimization"
+        ]
+        assert zero["stage"] == stage
+        sized = ["reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"]
+        assert all(isinstance(zero[key], int) for key in sized if key in zero), zero

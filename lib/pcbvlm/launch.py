@@ -30,6 +30,15 @@ TRAIN_SCRIPT = ROOT / "jobs" / "train.py"
 # NVLink multicast can take a shared host's GPUs out of service: off in every process we start.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
+# Why the zero3 profile is refused for QLoRA (README, "Several GPUs"; BENCHMARKS.md, "Several GPUs").
+ZERO3_QLORA_REFUSAL = (
+    "DeepSpeed ZeRO-3 with QLoRA (train.quantization=nf4) is refused: it never ran here (on 2 H200s the "
+    "benchmark could not even build the 4-bit weights in bf16 storage, bnb_4bit_quant_storage, which ZeRO-3 "
+    "needs to shard them: bitsandbytes 'invalid argument'); it would turn off Liger's fused loss (it reads "
+    "lm_head's weight, which ZeRO-3 shards) and all-gather every layer in each forward and recomputation; "
+    "and the 19 GiB NF4 base fits each 80 GB GPU, so sharding it buys nothing ddp/zero2 need"
+)
+
 
 def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
     return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
@@ -129,6 +138,8 @@ def launch_train(
     cfg = load_config(config, list(overrides))
     chosen = resolve_profile(cfg, profile)
     settings = profile_settings(chosen)
+    if settings.get("zero_stage") == 3 and cfg.train.quantization == "nf4":
+        raise ConfigError(f"train.accelerate_profile={chosen}: {ZERO3_QLORA_REFUSAL}; use zero2 or ddp")
     processes = num_processes or int(settings.get("num_processes", 1))
     zero = f", DeepSpeed ZeRO-{settings['zero_stage']}" if "zero_stage" in settings else ""
     print(

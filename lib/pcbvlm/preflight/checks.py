@@ -487,20 +487,11 @@ def _common_path(paths: list[str]) -> str:
     return os.path.commonpath(paths) if paths else "?"
 
 
-# Why the zero3 profile is refused for QLoRA (README, "Several GPUs"; measured in BENCHMARKS.md).
-ZERO3_QLORA_REFUSAL = (
-    "DeepSpeed ZeRO-3 with QLoRA (train.quantization=nf4) is not supported here: ZeRO-3 shards parameters "
-    "by dtype, so the 4-bit weights must be stored in bf16 elements (bnb_4bit_quant_storage) and are "
-    "all-gathered layer by layer in every forward and recomputation, Liger's fused loss cannot read the "
-    "sharded lm_head, and on GPUs that hold the 19 GiB NF4 base it only saves memory ddp/zero2 do not need"
-)
-
-
 def check_profile(cfg: Config, facts: Facts, on_gpu: bool) -> Check:
     """The accelerate profile the job will launch (train.accelerate_profile, or PROFILE=): it exists,
     has no more processes than GPUs, and is not ZeRO-3 with QLoRA."""
     from pcbvlm.errors import ConfigError
-    from pcbvlm.launch import profile_settings
+    from pcbvlm.launch import ZERO3_QLORA_REFUSAL, profile_settings
 
     profile = cfg.train.accelerate_profile
     try:
