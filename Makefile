@@ -130,10 +130,10 @@ data: $(JOB_DEPS) ## convert DeepPCB (DEEPPCB_DIR=...) to Qwen3-VL grounding jso
 	$(JOBPY) jobs/prepare_data.py $(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)) \
 	    $(if $(DATA_DIR),--out $(DATA_DIR)) $(if $(STRICT),--strict)
 
-train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp|zero2 for several GPUs); runs preflight first
+# pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
+train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several GPUs); runs preflight first
 	@$(MAKE) preflight JOB=train
 	$(call announce,train)
-	@# pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
 	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(PROFILE)) $(if $(RESUME),--resume $(RESUME))
 
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base

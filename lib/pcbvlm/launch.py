@@ -134,7 +134,7 @@ def launch_train(
     num_processes: int | None = None,
 ) -> int:
     """Train under the accelerate profile the resolved config (or `profile`) names; returns the job's
-    exit code. CONFIG/SET travel to every process through the environment, like `make train` does."""
+    exit code. A plain function: `make train` and any command line call it."""
     cfg = load_config(config, list(overrides))
     chosen = resolve_profile(cfg, profile)
     settings = profile_settings(chosen)
@@ -147,9 +147,13 @@ def launch_train(
         f"{processes} process{'es' if processes != 1 else ''}{zero}",
         flush=True,
     )
-    os.environ["CONFIG"] = str(config)
-    os.environ["SET"] = " ".join(overrides)
-    script_args = ["--resume", resume] if resume else []
+    # Every process gets the same config: CONFIG and the overrides as arguments (SET is already in them).
+    os.environ.pop("SET", None)
+    script_args = ["--config", str(config)]
+    for override in overrides:
+        script_args += ["--set", override]
+    if resume:
+        script_args += ["--resume", resume]
     return run_accelerate(accelerate_args(chosen, TRAIN_SCRIPT, script_args, num_processes))
 
 
