@@ -126,7 +126,7 @@ lock: ## re-resolve requirements/*.in into the hashed locks (uv; needs PyPI)
 
 preflight: $(JOB_DEPS) ## check GPU, RAM, disk, packages against what JOB=train|merge|quantize|eval needs
 	$(call announce,preflight JOB=$(JOB))
-	$(JOBPY) jobs/preflight.py --job $(JOB) || $(call failed,preflight)
+	$(JOBPY) jobs/preflight.py --job $(JOB) $(if $(PROFILE),--profile $(PROFILE)) || $(call failed,preflight)
 
 synth: $(JOB_DEPS) ## generate a synthetic DeepPCB-layout dataset (N=64 OUT=data/synth/DeepPCB)
 	$(call announce,synth)
@@ -139,11 +139,11 @@ data: $(JOB_DEPS) ## convert FORMAT=deeppcb|coco|yolo|voc SRC=... (DeepPCB: DEEP
 	    $(if $(SRC),--src $(call q,$(SRC)),$(if $(filter deeppcb,$(or $(FORMAT),deeppcb)),$(if $(DEEPPCB_DIR),--deeppcb-dir $(call q,$(DEEPPCB_DIR))))) \
 	    $(if $(DATA_DIR),--out $(call q,$(DATA_DIR))) $(if $(STRICT),--strict) || $(call failed,data)
 
-train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no); runs preflight first
+# pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
+train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several GPUs); runs preflight first
 	@$(MAKE) preflight JOB=train
 	$(call announce,train)
-	$(RUN_JOB)accelerate launch --config_file config/accelerate/$(or $(PROFILE),$(shell $(JOBPY) -m pcbvlm.config get train.accelerate_profile)).yaml \
-	    jobs/train.py $(if $(RESUME),--resume $(RESUME))
+	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(PROFILE)) $(if $(RESUME),--resume $(RESUME))
 
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base
 	@$(MAKE) preflight JOB=merge

@@ -75,9 +75,12 @@ def gib(n: float) -> float:
     return round(n / 2**30, 2)
 
 
-def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
+def quantize_language_model_nf4(
+    model, compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8
+) -> int:
     """Replace the decoder linears of `model.model.language_model` by bitsandbytes NF4 layers (double
-    quantization, the settings of `pcbvlm.modeling.bnb_config`), one at a time; returns how many."""
+    quantization, the settings of `pcbvlm.modeling.bnb_config`), one at a time; returns how many.
+    `quant_storage=torch.bfloat16` packs the 4-bit values into bf16 elements (what ZeRO-3 needs)."""
     import bitsandbytes as bnb
 
     count = 0
@@ -94,11 +97,15 @@ def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
                 compute_dtype=compute_dtype,
                 compress_statistics=True,
                 quant_type="nf4",
-                quant_storage=torch.uint8,
+                quant_storage=quant_storage,
                 device="meta",
             )
             layer.weight = bnb.nn.Params4bit(
-                weight.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
+                weight.to("cpu"),
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=quant_storage,
             ).to(weight.device)
             setattr(module, child_name, layer)
             del weight, child
@@ -109,19 +116,25 @@ def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
     return count
 
 
-def build_random_model(config, dtype: torch.dtype = torch.bfloat16, quantize: bool = True):
+def build_random_model(
+    config,
+    dtype: torch.dtype = torch.bfloat16,
+    quantize: bool = True,
+    device: str | torch.device = "cuda",
+    quant_storage: torch.dtype = torch.uint8,
+):
     from transformers import Qwen3VLForConditionalGeneration
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = Qwen3VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     model.config.use_cache = False
     if quantize:
-        quantize_language_model_nf4(model, dtype)
+        quantize_language_model_nf4(model, dtype, quant_storage)
     return model
 
 
@@ -189,17 +202,18 @@ class FusedKernels:
 
     names = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision", "Qwen3VLTextRMSNorm")
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, fused_cross_entropy: bool = True) -> None:
         from transformers.models.qwen3_vl import modeling_qwen3_vl
 
         self.model = model
+        self.fused_cross_entropy = fused_cross_entropy
         self.module = modeling_qwen3_vl
         self.saved = {name: getattr(modeling_qwen3_vl, name) for name in self.names}
 
     def __enter__(self):
         from pcbvlm.modeling import apply_fused_kernels
 
-        apply_fused_kernels(self.model)
+        apply_fused_kernels(self.model, fused_cross_entropy=self.fused_cross_entropy)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -567,6 +581,21 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
     result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)
 
 
+def benchmark_model_config(tok, layers: int | None = None, **overrides):
+    """The 32B config (or a cut of `layers` decoder layers), with the benchmark tokenizer's special ids."""
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
+    config = qwen3_vl_32b_config(**overrides)
+    # The tiny tokenizer's ids for the special tokens the model looks for.
+    config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    return config
+
+
 def run_benchmark(
     out_path: Path,
     parts: tuple[str, ...] = ("train", "generate"),
@@ -581,7 +610,7 @@ def run_benchmark(
     static_cache_batches: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     from pcbvlm.config import load_config
-    from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
+    from pcbvlm.shapes import ModelShape, count_parameters
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -589,14 +618,7 @@ def run_benchmark(
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "config" / "config.yaml")
     processor = benchmark_processor(cfg.data.max_pixels)
-    tok = processor.tokenizer
-    overrides = {} if layers is None else {"num_hidden_layers": layers}
-    config = qwen3_vl_32b_config(**overrides)
-    # The tiny tokenizer's ids for the special tokens the model looks for.
-    config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-    config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    config = benchmark_model_config(processor.tokenizer, layers)
     shape = ModelShape.from_config(config)
     counts = count_parameters(shape)
 

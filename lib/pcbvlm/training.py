@@ -684,11 +684,20 @@ def answer_logits_trainer():
     from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from pcbvlm.collator import keep_answer_logits
+    from pcbvlm.collator import IGNORE_INDEX, keep_answer_logits
 
     EpochSeededLengthGroupedSampler = _epoch_seeded_length_sampler()
 
     class AnswerLogitsTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Qwen3-VL declares accepts_loss_kwargs=False (its forward ignores num_items_in_batch), so the
+            # Trainer would average each process's (and each accumulated micro-batch's) own token mean:
+            # 2 processes x micro-batch 2 would not train like 1 x 4. With this flag the Trainer counts
+            # the answer tokens of the whole optimizer step (all processes, all micro-batches) and
+            # compute_loss below weighs each micro-batch's mean by its share of them.
+            self.model_accepts_loss_kwargs = True
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, LengthGroupedSampler):
@@ -700,7 +709,15 @@ def answer_logits_trainer():
             return sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return super().compute_loss(model, keep_answer_logits(inputs), return_outputs, num_items_in_batch)
+            inputs = keep_answer_logits(inputs)
+            if num_items_in_batch is None:  # evaluation
+                return super().compute_loss(model, inputs, return_outputs)
+            outputs = model(**inputs)
+            local_tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            loss = outputs.loss * local_tokens / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP / DeepSpeed average the gradients
+            return (loss, outputs) if return_outputs else loss
 
     return AnswerLogitsTrainer
 
@@ -716,6 +733,27 @@ def deepspeed_zero_stage() -> int | None:
     if config_file and Path(config_file).is_file():
         return int(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", 0))
     return None
+
+
+def launch_facts(state, device: str) -> dict[str, Any]:
+    """How many processes (and GPUs) this run uses, and how they talk: logged at start and kept in the
+    manifest, so a run launched with the wrong accelerate profile is visible at once."""
+    processes = state.num_processes
+    gpus = processes if device == "cuda" else 0
+    zero = deepspeed_zero_stage()
+    backend = state.backend or ("gloo" if processes > 1 else None)
+    how = f"DeepSpeed ZeRO-{zero}" if zero is not None else ("DDP" if processes > 1 else "single process")
+    where = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "CPU"
+    return {
+        "processes": processes,
+        "gpus": gpus,
+        "distributed": how,
+        "backend": backend,
+        "zero_stage": zero,
+        "description": f"{processes} process{'es' if processes != 1 else ''} ({where}, {how}"
+        + (f", {backend}" if processes > 1 and backend else "")
+        + ")",
+    }
 
 
 def build_training_arguments(cfg: Config, run_dir: Path, dtype: torch.dtype, device: str, has_eval: bool):
@@ -839,6 +877,9 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
     state = PartialState(cpu=device == "cpu")
     is_main = state.is_main_process
+    launch = launch_facts(state, device)
+    if is_main:
+        print(f"training on {launch['description']}", flush=True)
     data_dir = Path(cfg.paths.data_dir)
     train_rows = load_samples(data_dir, "train")
     # A run without val.jsonl (val_fraction 0) trains without eval loss.
@@ -876,6 +917,7 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         "packages": package_versions(),
         "gpu": gpu_facts(),
         "world_size": state.num_processes,
+        "launch": launch,
         "dtype": str(dtype).removeprefix("torch."),
         "fused_kernels": "liger" if fused else "none",
         "start": started,

@@ -236,6 +236,7 @@ def run_checks(cfg: Config, job: str, facts: Facts, allow_cpu: bool = False) -> 
     checks += _check_disks(cfg, job, shape, facts)
     if job == "train":
         checks.append(_check_shm(cfg, facts))
+        checks.append(check_profile(cfg, facts, gpu_wanted and usable))
 
     # --- model, data, caches
     checks += _check_model(cfg, job, shape, facts)
@@ -486,6 +487,41 @@ def _common_path(paths: list[str]) -> str:
     import os.path
 
     return os.path.commonpath(paths) if paths else "?"
+
+
+def check_profile(cfg: Config, facts: Facts, on_gpu: bool) -> Check:
+    """The accelerate profile the job will launch (train.accelerate_profile, or PROFILE=): it exists,
+    has no more processes than GPUs, and is not ZeRO-3 with QLoRA."""
+    from pcbvlm.errors import ConfigError
+    from pcbvlm.launch import ZERO3_QLORA_REFUSAL, profile_settings
+
+    profile = cfg.train.accelerate_profile
+    try:
+        settings = profile_settings(profile)
+    except ConfigError as err:
+        return Check("accelerate profile", "fail", str(err), "make train PROFILE=<one of those>")
+    layout = est.layout_of(cfg)
+    how = {"single": "one process", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+    detail = (
+        f"{profile}: {layout.processes} process{'es' if layout.processes > 1 else ''}, {how[layout.kind]}"
+    )
+    if layout.kind == "zero3" and cfg.train.quantization == "nf4":
+        return Check(
+            "accelerate profile",
+            "fail",
+            f"{detail}: {ZERO3_QLORA_REFUSAL}",
+            "use PROFILE=zero2 or PROFILE=ddp",
+        )
+    gpus = len(facts.gpus)
+    uses_gpus = settings.get("distributed_type") != "NO" and not settings.get("use_cpu")
+    if on_gpu and uses_gpus and layout.processes > gpus:
+        return Check(
+            "accelerate profile",
+            "fail",
+            f"{detail}, but this host has {gpus} GPU{'s' if gpus != 1 else ''}",
+            f"set num_processes in config/accelerate/{profile}.yaml to the GPU count, or PROFILE=a800 for one GPU",
+        )
+    return Check("accelerate profile", "pass", detail)
 
 
 def _check_shm(cfg: Config, facts: Facts) -> Check:

@@ -212,8 +212,9 @@ def estimate_train_vram(
     logit_tokens: int | None = None,
     uncheckpointed_layers: int | None = None,
     fused_cross_entropy: bool | None = None,
+    layout: Layout | None = None,
 ) -> Estimate:
-    """Peak GPU memory of one QLoRA/LoRA training step.
+    """Peak GPU memory of one QLoRA/LoRA training step, per GPU.
 
     `model`: a `ModelShape`, a transformers `Qwen3VLConfig` or a config.json dict (e.g.
     `pcbvlm.shapes.qwen3_vl_32b_config()`). `cfg` gives every other input (default: the schema's
@@ -228,8 +229,12 @@ def estimate_train_vram(
     activations are held (with train.uncheckpointed_layers, those layers hold theirs); the fp32
     logits/loss (`LOGITS_FP32_COPIES`), or with Liger's fused cross-entropy (train.fused_kernels) only
     one chunk of them; the vision tower's forward buffers; and the margin.
+
+    `layout` (default: the one `train.accelerate_profile` names, `layout_of`): several processes, one GPU
+    each, change the static terms only (each GPU runs its own micro-batch): see `_parallel_items`.
     """
     cfg = cfg or Config()
+    layout = layout or layout_of(cfg)
     shape = ModelShape.from_config(model)
     counts = count_parameters(shape)
     mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
@@ -334,8 +339,11 @@ def estimate_train_vram(
                 "transient",
             )
         )
+    items = _parallel_items(items, layout, lora, shape, counts, quant, act)
     items.append(Item("CUDA context + fragmentation", margin * GIB, "resources.vram_margin_gib", "margin"))
     inputs = {
+        "layout": layout.kind,
+        "processes": layout.processes,
         "micro_batch": mb,
         "seq_len": seq,
         "quantization": quant,
@@ -351,7 +359,109 @@ def estimate_train_vram(
         "params_total": counts.total,
         "lora_params": lora,
     }
-    return _peak(f"train step, micro_batch {mb}", "gpu", items, inputs)
+    where = f", per GPU ({layout.kind}, {layout.processes} processes)" if layout.processes > 1 else ""
+    return _peak(f"train step, micro_batch {mb}{where}", "gpu", items, inputs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the training job spreads over the GPUs of one machine (an accelerate profile): `single` (one
+    process), `ddp` (a full copy per GPU), `zero2` (DeepSpeed: optimizer state and gradients sharded),
+    `zero3` (parameters sharded too)."""
+
+    kind: Literal["single", "ddp", "zero2", "zero3"] = "single"
+    processes: int = 1
+
+
+def layout_of(cfg: Config, profile: str | None = None) -> Layout:
+    """The layout of `config/accelerate/<profile>.yaml` (default: train.accelerate_profile); a profile
+    that does not exist counts as one process (the preflight's profile check reports it)."""
+    from pcbvlm.errors import ConfigError
+    from pcbvlm.launch import profile_settings
+
+    try:
+        settings = profile_settings(profile or cfg.train.accelerate_profile)
+    except ConfigError:
+        return Layout()
+    processes = int(settings.get("num_processes", 1) or 1)
+    if "zero_stage" in settings:
+        return Layout("zero3" if settings["zero_stage"] == 3 else "zero2", processes)
+    if processes > 1:
+        return Layout("ddp", processes)
+    return Layout()
+
+
+def _replace(items: list[Item], name: str, *new: Item) -> list[Item]:
+    index = next(i for i, item in enumerate(items) if item.name == name)
+    return items[:index] + list(new) + items[index + 1 :]
+
+
+def _parallel_items(
+    items: list[Item],
+    layout: Layout,
+    lora: int,
+    shape: ModelShape,
+    counts: ParamCounts,
+    quantization: str,
+    act_bytes: int,
+) -> list[Item]:
+    """The static terms of one GPU under `layout` (activations do not change: each GPU runs its own
+    micro-batch). Checked against 2 H200s (BENCHMARKS.md, "Several GPUs"):
+
+    - ddp: everything of one process, plus DDP's gradient buckets (a second fp32 copy of the LoRA
+      gradients that NCCL all-reduces); the gradients are alive with them at the end of the backward pass.
+    - zero2: DeepSpeed casts the trainable (LoRA) weights to bf16 and keeps an fp32 master copy; the
+      master copy, the AdamW moments and the fp32 gradients are sharded over the N processes; the bf16
+      gradients are whole on every GPU until they are reduced.
+    - zero3: the base weights are sharded too (1/N each), and the layers being computed are gathered
+      whole: two decoder layers' weights (the current one and the prefetched next) in their storage.
+    """
+    n = layout.processes
+    if layout.kind == "single" or n < 1:
+        return items
+    grads = next(i for i in items if i.name == "LoRA gradients (fp32)")
+    if layout.kind == "ddp":
+        items = _replace(
+            items, grads.name, Item(grads.name, grads.bytes, "alive with the DDP buckets", "static")
+        )
+        return items + [
+            Item(
+                "DDP gradient buckets (fp32)",
+                lora * LORA_GRAD_BYTES,
+                "the LoRA gradients that NCCL all-reduces",
+            )
+        ]
+    items = _replace(
+        items,
+        "LoRA weights (fp32)",
+        Item("LoRA weights (bf16)", lora * 2, "DeepSpeed casts the trainable weights to bf16"),
+        Item(f"fp32 master weights (1/{n})", lora * LORA_PARAM_BYTES / n, "sharded (ZeRO)"),
+    )
+    items = _replace(
+        items,
+        grads.name,
+        Item("LoRA gradients (bf16)", lora * 2, "whole until reduced"),
+        Item(f"fp32 gradients (1/{n})", lora * LORA_GRAD_BYTES / n, "sharded (ZeRO-2)"),
+    )
+    items = _replace(
+        items,
+        "AdamW moments (fp32 m, v)",
+        Item(f"AdamW moments (1/{n})", lora * ADAM_STATE_BYTES / n, "sharded (ZeRO)"),
+    )
+    if layout.kind == "zero3":
+        weights = [
+            i for i in items if i.name.startswith(("LM decoder linears", "embeddings", "vision tower"))
+        ]
+        for item in weights:
+            items = _replace(
+                items, item.name, Item(f"{item.name} (1/{n})", item.bytes / n, "sharded (ZeRO-3)")
+            )
+        per_layer = sum(a * b for a, b in shape.decoder_linears().values())
+        layer_bytes = per_layer * (NF4_BITS / 8 if quantization == "nf4" else act_bytes)
+        items.append(
+            Item("gathered layers (ZeRO-3)", 2 * layer_bytes, "the current and the prefetched layer")
+        )
+    return items
 
 
 def fused_kernels_expected(cfg: Config) -> bool:
