@@ -432,7 +432,7 @@ def test_make_data_passes_format_and_src():
     proc = subprocess.run(
         ["make", "-n", "data", "DEEPPCB_DIR=/data/DeepPCB"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert "--deeppcb-dir /data/DeepPCB" in proc.stdout
+    assert "--deeppcb-dir '/data/DeepPCB'" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------
