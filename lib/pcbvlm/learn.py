@@ -380,7 +380,7 @@ class LearnSettings:
     eval_boards: int = 200
     final_eval_boards: int = 500
     eval_batch: int = 250
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128
     workers: int = 8
     seed: int = 0  # model initialisation
     train_seed: int = 1  # the generator seed of the training boards
