@@ -23,7 +23,7 @@ from pcbvlm.synth import Board, generate_dataset
 
 pytestmark = pytest.mark.slow
 
-TINY = ROOT / "config" / "tiny.yaml"
+MEMORISE = ROOT / "config" / "memorise.yaml"  # train.method full, 120 steps, the boards' own size
 BOARD = Board(256, 160, scale=0.8, max_defects=2, order="reading")  # 8x5 visual tokens per image
 
 
@@ -38,25 +38,9 @@ def overfit(tmp_path_factory, tiny_model_dir):
         f"paths.data_dir={root / 'data'}",
         f"paths.runs_dir={root / 'runs'}",
         f"paths.outputs_dir={root / 'outputs'}",
-        "data.val_fraction=0",
-        f"data.max_pixels={BOARD.width * BOARD.height}",
-        "data.min_pixels=4096",
-        "train.method=full",
-        "train.max_steps=120",
-        "train.micro_batch=4",
-        "train.lr=3e-3",
-        "train.lr_scheduler=constant",
-        "train.warmup_ratio=0",
-        "train.save_steps=1000",
-        "train.eval_steps=1000",
-        "train.logging_steps=20",
-        "train.group_by_length=false",
-        "eval.batch_size=4",
-        "eval.max_new_tokens=96",
         "eval.worst_n=0",
-        "quantize.verify_samples=2",
     ]
-    cfg = load_config(TINY, overrides)
+    cfg = load_config(MEMORISE, overrides)
     prepare_data(cfg, deeppcb_dir=root / "DeepPCB", progress=False)
     from pcbvlm.training import train
 
@@ -68,7 +52,16 @@ def overfit(tmp_path_factory, tiny_model_dir):
 def _evaluate(overrides: list[str], model: str, out: Path) -> dict:
     sets = [arg for value in overrides for arg in ("--set", value)]
     proc = run_job(
-        "evaluate.py", "--config", str(TINY), *sets, "--model", model, "--split", "train", "--out", str(out)
+        "evaluate.py",
+        "--config",
+        str(MEMORISE),
+        *sets,
+        "--model",
+        model,
+        "--split",
+        "train",
+        "--out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
@@ -106,7 +99,7 @@ def test_merge_publishes_a_full_run_that_scores_the_same(overfit, tmp_path):
     overrides, run_dir, _ = overfit
     sets = [arg for value in overrides for arg in ("--set", value)]
     merged = tmp_path / "merged"
-    proc = run_job("merge.py", "--config", str(TINY), *sets, "--out", str(merged))
+    proc = run_job("merge.py", "--config", str(MEMORISE), *sets, "--out", str(merged))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((merged / "merge.json").read_text())
     assert report["method"] == "full" and report["verified"] and report["adapter"] == str(run_dir / "model")
