@@ -115,3 +115,52 @@ def test_learning_rate_schedule():
     assert lr_at(s, 0.05) == pytest.approx(5e-4)
     assert lr_at(s, 0.1) == pytest.approx(1e-3)
     assert lr_at(s, 1.0) == pytest.approx(5e-5)
+
+
+def test_a_short_learning_run_writes_its_curve_and_a_loadable_model(tmp_path):
+    """The whole run on the CPU for a few steps (the GPU run is the same code): the curve files, and a
+    saved model that the project's inference path loads and runs on a held-out board."""
+    import json
+
+    from pcbvlm.generate import load_for_inference
+    from pcbvlm.learn import evaluate_samples, heldout_samples, learn
+
+    settings = LearnSettings(
+        size="micro",
+        seconds=2,
+        batch=2,
+        workers=0,
+        eval_every_s=1000,
+        final_eval_boards=2,
+        eval_batch=2,
+        max_new_tokens=8,
+        width=BOARD.width,
+        height=BOARD.height,
+        scale=0.8,
+        max_defects=2,
+        device="cpu",
+        save_dtype="float32",
+    )
+    base = load_config("config/tiny.yaml")
+    result = learn(settings, base, tmp_path / "learn", save=tmp_path / "model")
+    curve = json.loads((tmp_path / "learn" / "curve.json").read_text())
+    assert curve["samples_seen"] == result["samples_seen"] >= 2
+    assert curve["final"]["boards"] == 2 and curve["final"]["final"] is True
+    assert {"precision", "recall", "fscore", "ap", "parse_failure_rate"} <= set(curve["final"])
+    assert (tmp_path / "learn" / "curve.png").stat().st_size > 0
+
+    cfg = learn_config(
+        load_config(
+            "config/tiny.yaml",
+            [
+                f"model.name_or_path={tmp_path / 'model'}",
+                "model.build_tiny_if_missing=false",
+                f"data.max_pixels={BOARD.width * BOARD.height}",
+            ],
+        )
+    )
+    loaded = load_for_inference(cfg, tmp_path / "model")
+    assert loaded.kind == "merged"
+    samples = heldout_samples(cfg, BOARD, 1, seed=7, folder=tmp_path / "heldout")
+    metrics = evaluate_samples(loaded.model, loaded.processor, cfg, samples, 1, 8)
+    assert metrics["gt_boxes"] == len(samples[0]["objects"])
