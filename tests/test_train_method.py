@@ -60,3 +60,16 @@ def test_checkpoints_and_finished_runs_of_both_kinds(tmp_path):
     assert is_finished(adapter_run) and is_finished(full_run)
     assert full_model_folder(full_run) == full_run / "model" == full_model_folder(full_run / "model")
     assert full_model_folder(adapter_run) is None
+
+
+def test_preflight_counts_the_states_of_full_training():
+    """A full run holds a gradient and two AdamW moments for every parameter, not for an adapter."""
+    from pcbvlm.preflight.estimate import estimate_train_vram
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    def estimate(method: str) -> float:
+        cfg = load_config("config/config.yaml", [f"train.method={method}", "train.quantization=none"])
+        return estimate_train_vram(qwen3_vl_32b_config(), cfg).total_bytes
+
+    # 33.4 B parameters x (2 B bf16 gradient + 8 B moments) = 334 GB more than LoRA's few GB of states.
+    assert estimate("full") - estimate("lora") > 300e9
