@@ -248,6 +248,7 @@ def estimate_train_vram(
     tokens = mb * seq
 
     items = _weight_items(shape, counts, quant, act)
+    lora = 0
     if cfg.train.method == "full":
         # Every parameter learns: its gradient (weight dtype) and two fp32 AdamW moments, no adapter.
         items += [
@@ -364,6 +365,7 @@ def estimate_train_vram(
         "max_pixels": cfg.data.max_pixels,
         "params_total": counts.total,
         "lora_params": lora,
+        "method": cfg.train.method,
     }
     return _peak(f"train step, micro_batch {mb}", "gpu", items, inputs)
 
