@@ -86,7 +86,7 @@ define announce
 	@echo "==> $(1) [RUNNER=$(RUNNER) CONFIG=$(CONFIG)$(if $(SET), SET=\"$(SET)\")]"
 endef
 
-.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint \
+.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache learn demo test lint \
         build build-cpu shell bench clean wheelhouse compose-dirs ui
 
 help: ## list the targets
@@ -184,6 +184,10 @@ clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoin
 bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): training and inference
 	$(call announce,bench)
 	$(JOBPY) jobs/bench.py
+
+learn: $(JOB_DEPS) ## GPU: a small Qwen3-VL from scratch on fresh synthetic boards, held-out curve (LEARN_ARGS="--size demo")
+	$(call announce,learn)
+	$(JOBPY) jobs/learn.py $(LEARN_ARGS)
 
 demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic data, CPU only
 	$(JOBPY) jobs/demo.py
