@@ -93,7 +93,7 @@ q = '$(subst ','"'"',$(1))'
 # (README "Exit codes") and exit with it (what a recipe calling make, or RUNNER=docker's compose, sees).
 failed = { code=$$?; echo "error: $(1) exited with code $$code ($$(case $$code in 1) echo a check or stage failed;; 2) echo bad input;; 3) echo disk guard: saved and stopped, run again to resume;; 130) echo interrupted;; *) echo see above;; esac))" >&2; exit $$code; }
 
-.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint \
+.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache learn demo test lint \
         build build-cpu shell bench clean wheelhouse compose-dirs ui
 
 help: ## list the targets
@@ -194,6 +194,10 @@ clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoin
 bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): training and inference
 	$(call announce,bench)
 	$(JOBPY) jobs/bench.py || $(call failed,bench)
+
+learn: $(JOB_DEPS) ## GPU: a small Qwen3-VL from scratch on fresh synthetic boards, held-out curve (LEARN_ARGS="--size demo")
+	$(call announce,learn)
+	$(JOBPY) jobs/learn.py $(LEARN_ARGS)
 
 demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic data, CPU only
 	$(JOBPY) jobs/demo.py || $(call failed,demo)

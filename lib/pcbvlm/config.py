@@ -89,6 +89,9 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
+    # qlora: LoRA adapters on an NF4 base (the 32B); lora: adapters on an unquantized base; full: every
+    # weight trained, no adapter (small models only: weights, gradients and AdamW states ~16 bytes/param).
+    method: Literal["qlora", "lora", "full"] = "qlora"
     quantization: Literal["nf4", "none"] = "nf4"  # nf4 = QLoRA; none = LoRA on a bf16/fp32 base
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU supports it
     lr: float = Field(1e-4, gt=0)
@@ -117,6 +120,20 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=0)
     accelerate_profile: str = "a800"  # config/accelerate/<profile>.yaml
     group_by_length: bool = True
+
+    @model_validator(mode="after")
+    def _method_matches_quantization(self) -> TrainConfig:
+        if self.method == "qlora" and self.quantization != "nf4":
+            raise ValueError(
+                "method qlora trains adapters on an NF4 base: set quantization=nf4, or method=lora for "
+                "adapters on an unquantized base"
+            )
+        if self.method in ("lora", "full") and self.quantization != "none":
+            raise ValueError(
+                f"method {self.method} trains on an unquantized base: set quantization=none "
+                "(nf4 is for method=qlora)"
+            )
+        return self
 
 
 class QuantizeConfig(Section):

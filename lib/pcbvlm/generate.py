@@ -99,8 +99,9 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
         raise UserError(f"{ref}: an unfinished output folder (.partial-*); run the job that writes it again")
 
     if ref is not None and ref.exists():
-        from pcbvlm.training import adapter_folder
+        from pcbvlm.training import adapter_folder, full_model_folder
 
+        ref = full_model_folder(ref) or ref  # a full-parameter run stands for its model/ folder
         adapter = adapter_folder(ref)
         if adapter is not None:
             from peft import PeftModel

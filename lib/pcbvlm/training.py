@@ -1,9 +1,10 @@
-"""The training job: QLoRA (or LoRA) fine-tuning of Qwen3-VL with transformers' Trainer.
+"""The training job: QLoRA, LoRA or full-parameter fine-tuning of Qwen3-VL with transformers' Trainer.
 
 A run lives in `<runs_dir>/<YYYYmmdd-HHMMSS>-<identity>/`, where `identity` hashes what determines the
 result (model, data settings, LoRA, optimisation settings and the dataset files). `RESUME=auto` continues
 the newest unfinished run of the same identity from its newest complete checkpoint; `RESUME=no` starts a
-new run; `RESUME=<checkpoint or run folder>` continues that one. A finished run has `adapter/`.
+new run; `RESUME=<checkpoint or run folder>` continues that one. A finished run has `adapter/` (methods
+qlora and lora) or `model/` (method full: the whole fine-tuned model with its processor files).
 
 Each run folder holds: `config.resolved.yaml`, `manifest.json` (git commit, hashes, versions, GPU,
 times), `metrics.jsonl` (loss, lr, samples/s, tokens/s, peak VRAM, ETA), `tensorboard/`, the
@@ -40,8 +41,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_DIR = "adapter"
-# Files a Trainer checkpoint of a peft model must hold to be resumable.
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+MODEL_DIR = "model"  # the output of a full-parameter run
+# Files a Trainer checkpoint must hold to be resumable: these, and the weights (WEIGHT_FILES: the adapter
+# of a peft model, or the whole model of a full-parameter run, in one file or sharded).
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # Written last, by the main process, after the Trainer has saved everything (CheckpointMarkerCallback):
 # a checkpoint folder without it was cut short (kill -9 or a crash mid-save).
 COMPLETE_MARKER = "checkpoint.json"
@@ -127,6 +131,8 @@ def checkpoint_problem(path: Path) -> str | None:
     missing = sorted(required - set(files))
     if missing:
         return f"lacks {', '.join(missing)}"
+    if not any(name in files for name in WEIGHT_FILES):
+        return f"lacks the weights ({' or '.join(WEIGHT_FILES)})"
     for name, size in sorted(files.items()):
         file = path / name
         if not file.is_file():
@@ -200,8 +206,16 @@ def adapter_folder(path: Path) -> Path | None:
     return None
 
 
+def full_model_folder(path: Path) -> Path | None:
+    """The model folder of a full-parameter run that `path` names: a run folder's model/, or model/ itself."""
+    for folder in (path / MODEL_DIR, path):
+        if folder.name == MODEL_DIR and (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() or full_model_folder(run_dir) is not None
 
 
 def list_runs(runs_dir: Path, identity: str | None = None) -> list[Path]:
@@ -890,7 +904,8 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     identity = run_identity(cfg, dataset_hash(data_dir))
     plan, record.lock = claim_run(cfg, identity, resume)
     if plan.already_finished:
-        return TrainResult(plan.run_dir, plan.run_dir / ADAPTER_DIR, "already finished")
+        output = full_model_folder(plan.run_dir) or plan.run_dir / ADAPTER_DIR
+        return TrainResult(plan.run_dir, output, "already finished")
     run_dir = plan.run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -947,7 +962,10 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     model = load_base_model(cfg, device=device, dtype=dtype, zero3=deepspeed_zero_stage() == 3)
     if fused:
         apply_fused_kernels(model, fused_cross_entropy=deepspeed_zero_stage() != 3)
-    model = apply_lora(model, cfg)
+    if cfg.train.method == "full":
+        enable_full_training(model, cfg)
+    else:
+        model = apply_lora(model, cfg)
     trainable, total = trainable_parameters(model)
     if is_main:
         log.info(
@@ -1009,6 +1027,8 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         result.status = "stopped by disk guard"
     elif stopper.received is not None:
         result.status = "interrupted"
+    elif is_main and cfg.train.method == "full":
+        result.adapter_dir = save_full_model(trainer.model, processor, run_dir / MODEL_DIR)
     elif is_main:
         with atomic_directory(run_dir / ADAPTER_DIR, overwrite=True) as tmp:
             trainer.model.save_pretrained(tmp)
@@ -1057,6 +1077,26 @@ def _close_progress_bars(trainer) -> None:
             callback.training_bar = callback.prediction_bar = None
 
 
+def enable_full_training(model, cfg: Config) -> None:
+    """train.method full: every weight learns (no adapter); gradient checkpointing as configured."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save_full_model(model, processor, target: Path) -> Path:
+    """The fine-tuned model of a full-parameter run as a complete model folder (weights, config, generation
+    config, tokenizer with chat template, image processor), published atomically."""
+    if "use_cache" in model.config.to_dict():
+        model.config.use_cache = True  # switched off for training by load_base_model
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        processor.tokenizer.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)
+    return target
+
+
 def _last_train_loss(history: list[dict[str, Any]]) -> float | None:
     losses = [h["loss"] for h in history if "loss" in h]
     return losses[-1] if losses else None
@@ -1069,7 +1109,7 @@ def print_summary(result: TrainResult) -> None:
     table = Table(title=f"training: {result.status}", show_header=False)
     rows = [
         ("run", str(result.run_dir)),
-        ("adapter", str(result.adapter_dir) if result.adapter_dir else "-"),
+        ("adapter / model", str(result.adapter_dir) if result.adapter_dir else "-"),
         ("resumed from", result.resumed_from or "-"),
         ("steps", str(result.global_step)),
         ("last train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-"),

@@ -253,18 +253,33 @@ def estimate_train_vram(
     tokens = mb * seq
 
     items = _weight_items(shape, counts, quant, act)
-    lora = lora_parameters(shape, r, targets, cfg.lora.train_merger)
-    items += [
-        Item("LoRA weights (fp32)", lora * LORA_PARAM_BYTES, f"{lora / 1e6:.0f} M params, r={r}"),
-        # With grad_accum > 1 the gradients of the previous micro-steps are alive at the peak; with 1 they
-        # are allocated during the backward pass, after the logits are freed.
-        Item("LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, f"kept across {accum} micro-steps")
-        if accum > 1
-        else Item(
-            "LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, "filled after the logits are freed", "transient"
-        ),
-        Item("AdamW moments (fp32 m, v)", lora * ADAM_STATE_BYTES, "8 B per LoRA param"),
-    ]
+    lora = 0
+    if cfg.train.method == "full":
+        # Every parameter learns: its gradient (weight dtype) and two fp32 AdamW moments, no adapter.
+        items += [
+            Item(
+                "gradients (all parameters)",
+                counts.total * act,
+                f"{counts.total / 1e6:.0f} M params, method full",
+            ),
+            Item("AdamW moments (fp32 m, v)", counts.total * ADAM_STATE_BYTES, "8 B per parameter"),
+        ]
+    else:
+        lora = lora_parameters(shape, r, targets, cfg.lora.train_merger)
+        items += [
+            Item("LoRA weights (fp32)", lora * LORA_PARAM_BYTES, f"{lora / 1e6:.0f} M params, r={r}"),
+            # With grad_accum > 1 the gradients of the previous micro-steps are alive at the peak; with 1 they
+            # are allocated during the backward pass, after the logits are freed.
+            Item("LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, f"kept across {accum} micro-steps")
+            if accum > 1
+            else Item(
+                "LoRA gradients (fp32)",
+                lora * LORA_GRAD_BYTES,
+                "filled after the logits are freed",
+                "transient",
+            ),
+            Item("AdamW moments (fp32 m, v)", lora * ADAM_STATE_BYTES, "8 B per LoRA param"),
+        ]
     per_token_layer = layer_activation_bytes_per_token(shape, act, targets, attn, seq, cfg.lora.dropout)
     keep = min(
         uncheckpointed_layers if uncheckpointed_layers is not None else cfg.train.uncheckpointed_layers,
@@ -358,6 +373,7 @@ def estimate_train_vram(
         "max_pixels": cfg.data.max_pixels,
         "params_total": counts.total,
         "lora_params": lora,
+        "method": cfg.train.method,
     }
     where = f", per GPU ({layout.kind}, {layout.processes} processes)" if layout.processes > 1 else ""
     return _peak(f"train step, micro_batch {mb}{where}", "gpu", items, inputs)
