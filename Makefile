@@ -197,7 +197,7 @@ bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): trai
 
 learn: $(JOB_DEPS) ## GPU: a small Qwen3-VL from scratch on fresh synthetic boards, held-out curve (LEARN_ARGS="--size demo")
 	$(call announce,learn)
-	$(JOBPY) jobs/learn.py $(LEARN_ARGS)
+	$(JOBPY) jobs/learn.py $(LEARN_ARGS) || $(call failed,learn)
 
 demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic data, CPU only
 	$(JOBPY) jobs/demo.py || $(call failed,demo)
