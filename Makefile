@@ -86,6 +86,13 @@ define announce
 	@echo "==> $(1) [RUNNER=$(RUNNER) CONFIG=$(CONFIG)$(if $(SET), SET=\"$(SET)\")]"
 endef
 
+# $(call q,value): one shell word, whatever the value holds (spaces, quotes, $, globs): paths given on
+# make's command line, e.g. DEEPPCB_DIR="/data/a b/DeepPCB", reach the job unsplit and unexpanded.
+q = '$(subst ','"'"',$(1))'
+# `<job command> || $(call failed,job)`: make exits 2 whatever the recipe's code, so say the job's own code
+# (README "Exit codes") and exit with it (what a recipe calling make, or RUNNER=docker's compose, sees).
+failed = { code=$$?; echo "error: $(1) exited with code $$code ($$(case $$code in 1) echo a check or stage failed;; 2) echo bad input;; 3) echo disk guard: saved and stopped, run again to resume;; 130) echo interrupted;; *) echo see above;; esac))" >&2; exit $$code; }
+
 .PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache learn demo test lint \
         build build-cpu shell bench clean wheelhouse compose-dirs ui
 
@@ -119,17 +126,18 @@ lock: ## re-resolve requirements/*.in into the hashed locks (uv; needs PyPI)
 
 preflight: $(JOB_DEPS) ## check GPU, RAM, disk, packages against what JOB=train|merge|quantize|eval needs
 	$(call announce,preflight JOB=$(JOB))
-	$(JOBPY) jobs/preflight.py --job $(JOB) $(if $(PROFILE),--profile $(PROFILE))
+	$(JOBPY) jobs/preflight.py --job $(JOB) $(if $(PROFILE),--profile $(PROFILE)) || $(call failed,preflight)
 
 synth: $(JOB_DEPS) ## generate a synthetic DeepPCB-layout dataset (N=64 OUT=data/synth/DeepPCB)
 	$(call announce,synth)
-	$(JOBPY) jobs/synth_data.py --num $(or $(N),64) --out $(or $(OUT),data/synth/DeepPCB)
+	$(JOBPY) jobs/synth_data.py --num $(or $(N),64) --out $(call q,$(or $(OUT),data/synth/DeepPCB)) \
+	    || $(call failed,synth)
 
 data: $(JOB_DEPS) ## convert FORMAT=deeppcb|coco|yolo|voc SRC=... (DeepPCB: DEEPPCB_DIR=...) to grounding jsonl (DATA_DIR=...)
 	$(call announce,data)
 	$(JOBPY) jobs/prepare_data.py $(if $(FORMAT),--format $(FORMAT)) \
-	    $(if $(SRC),--src $(SRC),$(if $(filter deeppcb,$(or $(FORMAT),deeppcb)),$(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)))) \
-	    $(if $(DATA_DIR),--out $(DATA_DIR)) $(if $(STRICT),--strict)
+	    $(if $(SRC),--src $(call q,$(SRC)),$(if $(filter deeppcb,$(or $(FORMAT),deeppcb)),$(if $(DEEPPCB_DIR),--deeppcb-dir $(call q,$(DEEPPCB_DIR))))) \
+	    $(if $(DATA_DIR),--out $(call q,$(DATA_DIR))) $(if $(STRICT),--strict) || $(call failed,data)
 
 # pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
 train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several GPUs); runs preflight first
@@ -140,26 +148,27 @@ train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several G
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base
 	@$(MAKE) preflight JOB=merge
 	$(call announce,merge)
-	$(JOBPY) jobs/merge.py $(if $(ADAPTER),--adapter $(ADAPTER))
+	$(JOBPY) jobs/merge.py $(if $(ADAPTER),--adapter $(call q,$(ADAPTER))) || $(call failed,merge)
 
 quantize: $(JOB_DEPS) ## AWQ W4A16 with llm-compressor (MODEL=merged folder)
 	@$(MAKE) preflight JOB=quantize
 	$(call announce,quantize)
-	$(JOBPY) jobs/quantize.py $(if $(MODEL),--model $(MODEL))
+	$(JOBPY) jobs/quantize.py $(if $(MODEL),--model $(call q,$(MODEL))) || $(call failed,quantize)
 
 eval: $(JOB_DEPS) ## evaluate MODEL=auto|run|merged|quantized|path (or score PREDICTIONS=file, or COMPARE="dirA dirB")
 ifeq ($(PREDICTIONS)$(COMPARE),)
 	@$(MAKE) preflight JOB=eval
 endif
 	$(call announce,eval)
-	$(JOBPY) jobs/evaluate.py $(if $(MODEL),--model $(MODEL)) $(if $(SPLIT),--split $(SPLIT)) $(if $(OUT),--out $(OUT)) \
-	    $(if $(PREDICTIONS),--predictions $(PREDICTIONS)) $(if $(COMPARE),--compare $(COMPARE))
+	$(JOBPY) jobs/evaluate.py $(if $(MODEL),--model $(call q,$(MODEL))) $(if $(SPLIT),--split $(SPLIT)) \
+	    $(if $(OUT),--out $(call q,$(OUT))) $(if $(PREDICTIONS),--predictions $(call q,$(PREDICTIONS))) \
+	    $(if $(COMPARE),--compare $(COMPARE)) || $(call failed,eval)
 
 infer: $(JOB_DEPS) ## find defects on IMAGE=path [TEMPLATE=path] [OUT=overlay.png] [MODEL=...]
 	@test -n "$(IMAGE)" || { echo "error: give IMAGE=path/to/board.jpg"; exit 2; }
 	$(call announce,infer)
-	$(JOBPY) jobs/infer.py --image $(IMAGE) $(if $(TEMPLATE),--template $(TEMPLATE)) \
-	    $(if $(OUT),--out $(OUT)) $(if $(MODEL),--model $(MODEL))
+	$(JOBPY) jobs/infer.py --image $(call q,$(IMAGE)) $(if $(TEMPLATE),--template $(call q,$(TEMPLATE))) \
+	    $(if $(OUT),--out $(call q,$(OUT))) $(if $(MODEL),--model $(call q,$(MODEL))) || $(call failed,infer)
 
 # The web page binds to 127.0.0.1 unless HOST is given on the command line (HOST=0.0.0.0 on a rented machine's
 # exposed port); a HOST in the environment (some shells set one) is not taken. UI_HOST / UI_PORT in .env set defaults.
@@ -170,27 +179,28 @@ ui: $(JOB_DEPS) ## web page: inspect a board, browse evaluations [MODEL=... PORT
 	$(call announce,ui on http://$(UI_BIND_HOST):$(UI_BIND_PORT))
 ifeq ($(RUNNER),docker)
 	UI_HOST=$(UI_BIND_HOST) UI_PORT=$(UI_BIND_PORT) $(COMPOSE) run --rm --service-ports $(DOCKER_TTY) $(DOCKER_RUN_ARGS) ui \
-	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(MODEL)) $(if $(EVALS),--evals $(EVALS))
+	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(call q,$(MODEL))) \
+	    $(if $(EVALS),--evals $(call q,$(EVALS))) || $(call failed,ui)
 else
-	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(MODEL)) \
-	    $(if $(EVALS),--evals $(EVALS))
+	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(call q,$(MODEL))) \
+	    $(if $(EVALS),--evals $(call q,$(EVALS))) || $(call failed,ui)
 endif
 
 clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview; DELETE=path for a final model)
 	$(call announce,clean-cache)
-	$(JOBPY) jobs/clean_cache.py $(if $(DRY_RUN),--dry-run) $(if $(PATTERN),--pattern $(PATTERN)) \
-	    $(if $(KEEP),--keep $(KEEP)) $(if $(DELETE),--delete $(DELETE))
+	$(JOBPY) jobs/clean_cache.py $(if $(DRY_RUN),--dry-run) $(if $(PATTERN),--pattern $(call q,$(PATTERN))) \
+	    $(if $(KEEP),--keep $(KEEP)) $(if $(DELETE),--delete $(call q,$(DELETE))) || $(call failed,clean-cache)
 
 bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): training and inference
 	$(call announce,bench)
-	$(JOBPY) jobs/bench.py
+	$(JOBPY) jobs/bench.py || $(call failed,bench)
 
 learn: $(JOB_DEPS) ## GPU: a small Qwen3-VL from scratch on fresh synthetic boards, held-out curve (LEARN_ARGS="--size demo")
 	$(call announce,learn)
-	$(JOBPY) jobs/learn.py $(LEARN_ARGS)
+	$(JOBPY) jobs/learn.py $(LEARN_ARGS) || $(call failed,learn)
 
 demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic data, CPU only
-	$(JOBPY) jobs/demo.py
+	$(JOBPY) jobs/demo.py || $(call failed,demo)
 
 # ---------------------------------------------------------------------------------------------------------
 # Quality

@@ -2,7 +2,8 @@
 
 Lists the Hugging Face cache (hub repos and revisions with sizes) and every run's checkpoints, then
 deletes the cached repos matching `--pattern` (default: the configured base model; `org/name@rev` for
-one revision; "" for none) and the checkpoints beyond the newest `--keep` of each run. Final adapters
+one revision; "" for none), the checkpoints beyond the newest `--keep` complete ones of each run, and broken
+checkpoints (see `pcbvlm.cache`). Final adapters
 and everything in outputs_dir are kept unless named exactly with `--delete PATH`. `--dry-run` prints
 the same plan and deletes nothing.
 """
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="glob over cached repo ids, optionally @revision (default: model.name_or_path; '' = none)",
     )
     parser.add_argument(
-        "--keep", type=_count, default=1, help="checkpoints kept per run, newest first (default 1)"
+        "--keep", type=_count, default=1, help="complete checkpoints kept per run, newest first (default 1)"
     )
     parser.add_argument(
         "--delete",

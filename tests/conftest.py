@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,24 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     cfg = load_config(ROOT / "config" / "tiny.yaml")
     prepare_data(cfg, deeppcb_dir=root / "DeepPCB", out_dir=root / "converted", progress=False)
     return root / "converted"
+
+
+def make_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint whose files load like the Trainer's (safetensors, torch zip archives, JSON); `complete`
+    writes the completion marker last, as the training callback does."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(250)}, folder / "adapter_model.safetensors")
+    torch.save({"state": {0: torch.ones(500)}}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        from pcbvlm.training import write_checkpoint_marker
+
+        write_checkpoint_marker(folder, step)
+    return folder
 
 
 def tiny_overrides(model_dir: Path, data_dir: Path, runs_dir: Path, **train) -> list[str]:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_job
-from pcbvlm.cache import execute_plan, hub_cache_dir, list_checkpoints, plan_cleanup
+from conftest import make_checkpoint, run_job
+from pcbvlm.cache import execute_plan, folder_size, hub_cache_dir, list_checkpoints, plan_cleanup
 from pcbvlm.config import load_config
 from pcbvlm.errors import UserError
+from pcbvlm.training import RunLock
 
 BASE = "Qwen/Qwen3-VL-32B-Instruct"
 SHA_NEW = "a" * 40
@@ -54,10 +55,7 @@ def make_runs(runs: Path, outputs: Path) -> None:
         ("run-c", (100,), "final"),
     ):
         for step in steps:
-            ckpt = runs / run / f"checkpoint-{step}"
-            ckpt.mkdir(parents=True)
-            (ckpt / "adapter_model.safetensors").write_bytes(b"x" * 1000)
-            (ckpt / "optimizer.pt").write_bytes(b"y" * 2000)
+            make_checkpoint(runs / run / f"checkpoint-{step}", step)
         if final:
             (runs / run / final).mkdir()
             (runs / run / final / "adapter_model.safetensors").write_bytes(b"z" * 1000)
@@ -102,7 +100,7 @@ def test_hub_cache_dir_follows_config_then_env(world, monkeypatch):
 
 
 def test_plan_defaults_base_model_and_keep_one(world):
-    cfg, _, _ = world
+    cfg, _, tmp = world
     plan = plan_cleanup(cfg)
     deleted = {e.label for e in plan.to_delete}
     assert deleted == {BASE, "run-a/checkpoint-10", "run-a/checkpoint-20", "run-b/checkpoint-5"}
@@ -116,7 +114,9 @@ def test_plan_defaults_base_model_and_keep_one(world):
         "run-c/final",
     } <= set(kept)
     assert "final adapter" in kept["run-a/adapter"]
-    assert plan.bytes_to_free == 100 + 5000 + 3000 + 3 * 3000
+    stale = ("run-a/checkpoint-10", "run-a/checkpoint-20", "run-b/checkpoint-5")
+    checkpoint_bytes = sum(folder_size(tmp / "runs" / name) for name in stale)
+    assert plan.bytes_to_free == 100 + 5000 + 3000 + checkpoint_bytes
 
 
 def test_real_run_removes_exactly_what_the_dry_run_listed(world, capsys):
@@ -228,3 +228,49 @@ def test_cli_dry_run_deletes_nothing(world):
     assert bad.stderr.startswith("error: --delete") and "Traceback" not in bad.stderr
     negative = run_job("clean_cache.py", "--keep", "-1", *[a for o in overrides for a in ("--set", o)])
     assert negative.returncode == 2 and "--keep: must be 0 or more" in negative.stderr
+
+
+def test_unfinished_run_keeps_its_newest_complete_checkpoint_not_a_broken_newer_one(world):
+    """A kill -9 mid-save leaves the newest folder incomplete; a truncated file breaks another. The newest
+    complete checkpoint is what a resume needs: it stays, the broken ones go."""
+    cfg, _, tmp = world
+    run = tmp / "runs" / "run-d"
+    for step in (3, 6):
+        make_checkpoint(run / f"checkpoint-{step}", step)
+    truncated = make_checkpoint(run / "checkpoint-9", 9)
+    optimizer = truncated / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    make_checkpoint(run / "checkpoint-12", 12, complete=False)  # killed before the marker
+    only_broken = make_checkpoint(tmp / "runs" / "run-e" / "checkpoint-4", 4, complete=False)
+
+    plan = plan_cleanup(cfg, pattern="", keep=1)
+    actions = {e.label: (e.action, e.reason) for e in plan.entries if e.label.startswith(("run-d", "run-e"))}
+    assert actions["run-d/checkpoint-6"] == ("keep", "newest 1 complete")
+    assert actions["run-d/checkpoint-3"] == ("delete", "older than the newest 1 complete")
+    action, reason = actions["run-d/checkpoint-9"]
+    assert action == "delete" and reason.startswith("broken: optimizer.pt has"), reason
+    assert actions["run-d/checkpoint-12"] == (
+        "delete",
+        "broken: no checkpoint.json (the save did not finish)",
+    )
+    assert any(n.startswith("run-d: broken checkpoints checkpoint-9 (optimizer.pt has") for n in plan.notes)
+    # A run with nothing complete keeps what it has: nothing better exists to resume from.
+    assert actions["run-e/checkpoint-4"][0] == "keep"
+    execute_plan(plan)
+    assert [p.name for p in sorted(run.iterdir())] == ["checkpoint-6"]
+    assert only_broken.is_dir()
+
+
+def test_run_being_trained_keeps_all_its_checkpoints(world):
+    cfg, _, tmp = world
+    run = tmp / "runs" / "run-b"
+    lock = RunLock(run).acquire()
+    try:
+        plan = plan_cleanup(cfg, pattern="", keep=0)
+        entries = {e.label: e for e in plan.entries if e.label.startswith("run-b/")}
+        assert {e.action for e in entries.values()} == {"keep"}
+        assert entries["run-b/checkpoint-5"].reason == f"run in progress (process {os.getpid()})"
+    finally:
+        lock.release()
+    plan = plan_cleanup(cfg, pattern="", keep=0)
+    assert "run-b/checkpoint-5" in {e.label for e in plan.to_delete}

@@ -281,8 +281,8 @@ def _make_n(*args: str) -> str:
     "args, command",
     [
         (["preflight", "JOB=train"], "python jobs/preflight.py --job train"),
-        (["merge", "ADAPTER=/checkpoints/run1"], "python jobs/merge.py --adapter /checkpoints/run1"),
-        (["eval", "MODEL=quantized", "SPLIT=val"], "python jobs/evaluate.py --model quantized --split val"),
+        (["merge", "ADAPTER=/checkpoints/run1"], "python jobs/merge.py --adapter '/checkpoints/run1'"),
+        (["eval", "MODEL=quantized", "SPLIT=val"], "python jobs/evaluate.py --model 'quantized' --split val"),
     ],
 )
 def test_docker_runner_runs_the_local_command_in_the_job_service(args, command):
@@ -300,7 +300,7 @@ def test_docker_runner_runs_make_test_in_the_test_service():
 
 def test_docker_runner_passes_container_paths_only():
     env_value = _make_n("data", "RUNNER=docker", "DEEPPCB_DIR=/data/raw/DeepPCB")
-    assert "--deeppcb-dir /data/raw/DeepPCB" in env_value
+    assert "--deeppcb-dir '/data/raw/DeepPCB'" in env_value
 
 
 def test_build_targets():

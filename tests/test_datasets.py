@@ -427,12 +427,12 @@ def test_make_data_passes_format_and_src():
         check=True,
     )
     command = " ".join(proc.stdout.replace("\\\n", " ").split())
-    assert "jobs/prepare_data.py --format voc --src /boards/voc" in command
+    assert "jobs/prepare_data.py --format voc --src '/boards/voc'" in command
     assert "/ignored" not in command
     proc = subprocess.run(
         ["make", "-n", "data", "DEEPPCB_DIR=/data/DeepPCB"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert "--deeppcb-dir /data/DeepPCB" in proc.stdout
+    assert "--deeppcb-dir '/data/DeepPCB'" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------

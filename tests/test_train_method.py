@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pcbvlm.config import load_config
 from pcbvlm.errors import ConfigError
-from pcbvlm.training import full_model_folder, is_complete_checkpoint, is_finished
+from pcbvlm.training import full_model_folder, is_complete_checkpoint, is_finished, write_checkpoint_marker
 
 
 @pytest.mark.parametrize(
@@ -41,14 +43,22 @@ def test_a_method_that_does_not_fit_the_quantization_is_refused(config, override
 
 
 def test_checkpoints_and_finished_runs_of_both_kinds(tmp_path):
-    state = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+    import torch
+    from safetensors.torch import save_file
+
     for weights in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"):
         checkpoint = tmp_path / weights / "checkpoint-4"
         checkpoint.mkdir(parents=True)
-        for name in state:
-            (checkpoint / name).write_text("x")
-        assert not is_complete_checkpoint(checkpoint)  # no weights yet: a kill mid-save
-        (checkpoint / weights).write_text("x")
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.save({"step": 4}, checkpoint / name)
+        write_checkpoint_marker(checkpoint, 4)
+        assert not is_complete_checkpoint(checkpoint)  # no weights: the save was cut short
+        if weights.endswith(".json"):
+            (checkpoint / weights).write_text(json.dumps({"weight_map": {}}))
+        else:
+            save_file({"w": torch.zeros(4)}, checkpoint / weights)
+        write_checkpoint_marker(checkpoint, 4)
         assert is_complete_checkpoint(checkpoint)
 
     adapter_run, full_run = tmp_path / "run-lora", tmp_path / "run-full"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,16 +15,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_job, tiny_overrides
+from conftest import ROOT, make_checkpoint, run_job, tiny_overrides
 from pcbvlm.collator import IGNORE_INDEX, TrainCollator
 from pcbvlm.config import load_config
 from pcbvlm.deeppcb import load_samples
-from pcbvlm.errors import EXIT_DISK_GUARD
+from pcbvlm.errors import EXIT_DISK_GUARD, UserError
 from pcbvlm.modeling import apply_lora, load_base_model
 from pcbvlm.training import (
     ADAPTER_DIR,
+    COMPLETE_MARKER,
+    LOCK_FILE,
+    RunLock,
+    checkpoint_problem,
+    checkpoint_step,
+    list_checkpoint_folders,
     newest_complete_checkpoint,
     plan_run,
+    run_lock_holder,
 )
 
 TINY = ROOT / "config" / "tiny.yaml"
@@ -116,6 +124,11 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / ADAPTER_DIR / "adapter_model.safetensors")
 
 
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
 def _single_run(runs_dir: Path) -> Path:
     runs = [p for p in runs_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
@@ -123,7 +136,10 @@ def _single_run(runs_dir: Path) -> Path:
 
 
 def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tiny_data_dir, tmp_path):
+    """kill -9 in the second epoch, resume: the same batches, losses and adapter as an uninterrupted run."""
     steps = dict(max_steps=24, save_steps=3, eval_steps=100)
+    steps_per_epoch = -(-len(load_samples(tiny_data_dir, "train")) // 2)  # micro-batch 2, grad_accum 1
+    assert steps_per_epoch < 6 < 2 * steps_per_epoch  # checkpoint-6 lies inside the second epoch
     ref = run_job(
         "train.py",
         "--config",
@@ -147,7 +163,8 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             run_dirs = list(runs.glob("*")) if runs.exists() else []
-            if run_dirs and newest_complete_checkpoint(run_dirs[0]) is not None:
+            newest = newest_complete_checkpoint(run_dirs[0], warn=False) if run_dirs else None
+            if newest is not None and checkpoint_step(newest) >= 6:
                 break
             time.sleep(0.05)
     finally:
@@ -159,6 +176,9 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
     if (run_dir / ADAPTER_DIR).exists():
         pytest.skip("the run finished before it could be killed (machine too fast for this timing)")
     killed_at = int(checkpoint.name.split("-")[1])
+    assert killed_at > steps_per_epoch and killed_at % steps_per_epoch, (
+        "resume must start mid-epoch, after the first"
+    )
 
     # Checkpoints hold the adapter and the trainer state, never the base weights.
     names = {p.name for p in checkpoint.iterdir()}
@@ -177,6 +197,11 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
     assert ref_adapter.keys() == resumed_adapter.keys()
     for key in ref_adapter:
         torch.testing.assert_close(resumed_adapter[key], ref_adapter[key], rtol=1e-4, atol=1e-5)
+    # Step by step: a different batch order after the resume (the epoch's shuffle) shows as a loss change
+    # of ~1e-3 at the first resumed step.
+    ref_losses = _losses(ref_run)
+    assert sorted(ref_losses) == list(range(1, 25))
+    assert _losses(run_dir) == pytest.approx(ref_losses, rel=1e-5, abs=0)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["global_step"] == 24
     assert manifest["resumed_from"].endswith(checkpoint.name)
@@ -234,13 +259,197 @@ def test_resume_no_starts_a_new_run_and_auto_ignores_other_configs(tiny_model_di
     assert first.resume_from is None and first.run_dir.name.endswith("-abc")
     (first.run_dir / "checkpoint-2").mkdir(parents=True)  # incomplete checkpoint: not resumable
     assert plan_run(cfg, "abc", "auto").resume_from is None
-    complete = first.run_dir / "checkpoint-3"
-    complete.mkdir()
-    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
-        (complete / name).write_text("x")
+    complete = make_checkpoint(first.run_dir / "checkpoint-3", 3)
     assert plan_run(cfg, "abc", "auto").resume_from == complete
     assert plan_run(cfg, "other", "auto").resume_from is None
     assert plan_run(cfg, "abc", "no").resume_from is None
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_resume_picks_the_newest_complete_checkpoint_of_the_newest_run(tmp_path, caplog):
+    """Several runs and checkpoints: auto takes the newest run of this config, and in it the newest checkpoint
+    that loads; newer broken ones are skipped with one warning naming each."""
+    cfg = load_config(TINY, [f"paths.runs_dir={tmp_path}"])
+    old = tmp_path / "20260101-000000-abc"
+    for step in (2, 4):
+        make_checkpoint(old / f"checkpoint-{step}", step)
+    run = tmp_path / "20260102-000000-abc"
+    for step in (3, 5):
+        make_checkpoint(run / f"checkpoint-{step}", step)
+    make_checkpoint(run / "checkpoint-6", 6, complete=False)  # killed mid-save: no marker
+    _truncate(make_checkpoint(run / "checkpoint-7", 7) / "optimizer.pt")  # cut after it was saved
+    header = make_checkpoint(run / "checkpoint-8", 8) / "adapter_model.safetensors"
+    header.write_bytes(b"\xff" * header.stat().st_size)  # same size, unreadable header
+    make_checkpoint(tmp_path / "20260103-000000-other" / "checkpoint-9", 9)  # another config's run
+
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+        plan = plan_run(cfg, "abc", "auto")
+    assert (plan.run_dir, plan.resume_from) == (run, run / "checkpoint-5")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{run.name}: skipping broken checkpoints checkpoint-8 (adapter_model")
+    assert "checkpoint-7 (optimizer.pt has" in warnings[0]
+    assert "checkpoint-6 (no checkpoint.json" in warnings[0] and warnings[0].endswith("using checkpoint-5")
+    assert [checkpoint_step(p) for p in list_checkpoint_folders(run)] == [3, 5, 6, 7, 8]
+
+    # An explicit run folder falls back the same way; an explicit broken checkpoint is an error naming why.
+    assert plan_run(cfg, "abc", str(run)).resume_from == run / "checkpoint-5"
+    assert plan_run(cfg, "abc", str(old)).resume_from == old / "checkpoint-4"
+    with pytest.raises(
+        UserError, match=r"checkpoint-7: not a complete checkpoint: optimizer.pt has \d+ bytes"
+    ):
+        plan_run(cfg, "abc", str(run / "checkpoint-7"))
+    assert plan_run(cfg, "abc", str(run / "checkpoint-3")).resume_from == run / "checkpoint-3"
+    for bad in (run / "checkpoint-5", run / "checkpoint-3"):
+        _truncate(bad / "scheduler.pt")
+    with pytest.raises(UserError, match="has no complete checkpoint"):
+        plan_run(cfg, "abc", str(run))
+    # The newest run of the config has nothing to resume: a new run starts (the older run stays as it is).
+    fresh = plan_run(cfg, "abc", "auto")
+    assert fresh.resume_from is None and fresh.run_dir not in (run, old)
+    (run / ADAPTER_DIR).mkdir()
+    (run / ADAPTER_DIR / "adapter_config.json").write_text("{}")
+    assert plan_run(cfg, "abc", "auto").already_finished
+
+
+def test_checkpoint_marker_lists_every_file_with_its_size(tmp_path):
+    folder = make_checkpoint(tmp_path / "checkpoint-4", 4)
+    record = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert record["step"] == 4
+    assert record["files"] == {
+        p.name: p.stat().st_size for p in folder.iterdir() if p.name != COMPLETE_MARKER
+    }
+    assert checkpoint_problem(folder) is None
+    (folder / "scheduler.pt").unlink()
+    assert checkpoint_problem(folder) == "scheduler.pt missing"
+    assert newest_complete_checkpoint(tmp_path) is None
+
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from pcbvlm.training import RunLock
+lock = RunLock(Path(sys.argv[1])).acquire()  # held while the object lives
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_trainer_of_the_same_run_refuses_and_a_dead_holder_is_taken_over(
+    tiny_model_dir, tiny_data_dir, tmp_path, caplog
+):
+    runs = tmp_path / "runs"
+    run = runs / "20260101-000000-abc"
+    make_checkpoint(run / "checkpoint-2", 2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = run_job(
+            "train.py",
+            "--config",
+            str(TINY),
+            *tiny_overrides(tiny_model_dir, tiny_data_dir, runs),
+            "--resume",
+            str(run),
+        )
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: run {run.name} is being trained by process {holder.pid} (lock {run / LOCK_FILE}); "
+            "wait for it, stop it, or start a new run with RESUME=no"
+        )
+        assert "Traceback" not in second.stderr
+        assert run_lock_holder(run) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel dropped the dead holder's lock; its PID is still in the file: taken over with a warning.
+    assert run_lock_holder(run) is None
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+        lock = RunLock(run).acquire()
+    assert f"taking over the lock left by process {holder.pid} (no longer running)" in caplog.text
+    assert run_lock_holder(run) == os.getpid()
+    lock.release()
+    assert run_lock_holder(run) is None
+
+
+def _start_training(runs: Path, tiny_model_dir: Path, data_dir: Path, **steps) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "train.py"),
+        "--config",
+        str(TINY),
+        *tiny_overrides(tiny_model_dir, data_dir, runs, **steps),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("SET", "CONFIG")}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_marks_the_run_interrupted(
+    tiny_model_dir, tiny_data_dir, tmp_path, sig
+):
+    runs = tmp_path / "runs"
+    proc = _start_training(
+        runs, tiny_model_dir, tiny_data_dir, max_steps=500, save_steps=1000, eval_steps=1000
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = list(runs.glob("*/metrics.jsonl"))
+            if metrics and len(metrics[0].read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    run_dir = _single_run(runs)
+    checkpoint = newest_complete_checkpoint(run_dir)
+    assert checkpoint is not None, "nothing saved on the signal"
+    step = checkpoint_step(checkpoint)
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: {sig.name}: saved checkpoint-{step} at step {step} and stopped; "
+        f"run `make train` again to resume {run_dir.name}"
+    )
+    assert "Traceback" not in stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["global_step"] == step and manifest["end"]
+    assert not (run_dir / ADAPTER_DIR).exists()
+    assert run_lock_holder(run_dir) is None
+
+
+def test_a_run_that_dies_on_a_bad_image_is_marked_failed_naming_it(tiny_model_dir, tiny_data_dir, tmp_path):
+    """An image truncated after `make data` stops training with one line naming the file, and the run's
+    manifest says failed (not "running")."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (tiny_data_dir / "train.jsonl").read_text().splitlines()
+    image = json.loads(lines[3])["image"]
+    bad = tmp_path / "bad images" / Path(image).name
+    bad.parent.mkdir()
+    bad.write_bytes(Path(image).read_bytes()[:3000])
+    lines[3] = lines[3].replace(json.dumps(image)[1:-1], json.dumps(str(bad))[1:-1])
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    runs = tmp_path / "runs"
+    steps = dict(max_steps=6, save_steps=100, eval_steps=100)  # one epoch: every image is read
+    proc = run_job("train.py", "--config", str(TINY), *tiny_overrides(tiny_model_dir, data, runs, **steps))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad}: cannot read the image (image file is truncated"), last
+    assert "Traceback" not in proc.stderr
+    run_dir = _single_run(runs)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["end"]
+    assert manifest["error"] == last.removeprefix("error: ")
+    assert run_lock_holder(run_dir) is None
 
 
 def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

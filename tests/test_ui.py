@@ -288,7 +288,7 @@ def test_make_ui_binds_localhost_unless_host_is_given():
     local = _make_n("ui", "RUNNER=local", "VENV=/venv", env={"HOST": "somewhere", "PORT": "1234"})
     assert "/venv/bin/python jobs/ui.py --host 127.0.0.1 --port 7860" in local  # not from the shell
     given = _make_n("ui", "RUNNER=local", "VENV=/venv", "HOST=0.0.0.0", "PORT=9000", "MODEL=merged")
-    assert "jobs/ui.py --host 0.0.0.0 --port 9000 --model merged" in given
+    assert "jobs/ui.py --host 0.0.0.0 --port 9000 --model 'merged'" in given
     docker = _make_n("ui", "RUNNER=docker", "MODEL=quantized")
     line = next(x for x in docker.splitlines() if "jobs/ui.py" in x or "compose run" in x)
     assert line.startswith("UI_HOST=127.0.0.1 UI_PORT=7860 docker compose run --rm --service-ports"), line

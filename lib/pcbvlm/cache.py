@@ -8,11 +8,14 @@ What is deleted:
 - cached hub repos (or single revisions, `org/name@rev`) whose id matches a glob pattern (default: the
   configured base model), through huggingface_hub's own delete strategy, so blobs that another kept
   revision still links are kept;
-- checkpoints `<runs_dir>/<run>/checkpoint-N` beyond the newest `keep` of each run.
+- checkpoints `<runs_dir>/<run>/checkpoint-N` beyond the newest `keep` complete ones of each run, and
+  broken ones (a save cut short, a file that does not load: see `training.checkpoint_problem`) where
+  the run has a complete checkpoint or a final adapter.
 
 What is never deleted unless named exactly with `delete=[path]`: a run's final adapter
-(`<run>/adapter`, `<run>/final`), anything in `outputs_dir` (merged, quantized models, reports); and a
-run without a final adapter always keeps its newest checkpoint, its only result.
+(`<run>/adapter`, `<run>/final`), anything in `outputs_dir` (merged, quantized models, reports); a run
+without a final adapter always keeps its newest complete checkpoint, its only result (never a newer,
+broken one in its place); and a run being trained (its lock held) keeps all its checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Literal
 
 from pcbvlm.config import Config
 from pcbvlm.errors import UserError
+from pcbvlm.training import checkpoint_problem, run_lock_holder
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 FINAL_NAMES = ("adapter", "final")
@@ -235,26 +239,39 @@ def plan_cleanup(
         if plan.hf_hashes:
             plan.hf_strategy = info.delete_revisions(*plan.hf_hashes)
 
-    # Training runs: stale checkpoints go, final adapters stay.
+    # Training runs: stale and broken checkpoints go, final adapters and what a resume needs stay.
     runs_dir = Path(cfg.paths.runs_dir)
     for run, steps in list_checkpoints(runs_dir).items():
         if (runs_dir / run).absolute() in named:
             continue  # the whole run goes, listed once below
         finals = [runs_dir / run / n for n in FINAL_NAMES if (runs_dir / run / n).is_dir()]
         keep_here = keep if finals or keep > 0 else 1
+        training_pid = run_lock_holder(runs_dir / run)
+        problems = {step: checkpoint_problem(folder) for step, folder in steps}
+        complete = [step for step, _ in steps if problems[step] is None]
+        kept_complete = complete[-keep_here:] if keep_here else []
+        broken = [f"{folder.name} ({problems[step]})" for step, folder in steps if problems[step] is not None]
+        if broken:
+            plan.notes.append(f"{run}: broken checkpoint{'s' if len(broken) > 1 else ''} {', '.join(broken)}")
         for step, folder in steps:
-            newest = [s for s, _ in steps[-keep_here:]] if keep_here else []
+            problem = problems[step]
             if folder.absolute() in named:
                 action, reason = "delete", "named by --delete"
-            elif step in newest:
+            elif training_pid is not None:
+                action, reason = "keep", f"run in progress (process {training_pid or '?'})"
+            elif problem is not None and (complete or finals):
+                action, reason = "delete", f"broken: {problem}"
+            elif problem is not None:
+                action, reason = "keep", f"broken: {problem}; the run has no complete checkpoint"
+            elif step in kept_complete:
                 action = "keep"
                 reason = (
-                    f"newest {keep_here}"
+                    f"newest {keep_here} complete"
                     if keep_here == keep
-                    else "run has no final adapter: its only result"
+                    else "newest complete checkpoint; the run has no final adapter"
                 )
             else:
-                action, reason = "delete", f"older than the newest {keep}"
+                action, reason = "delete", f"older than the newest {keep} complete"
             plan.entries.append(
                 Entry("checkpoint", f"{run}/{folder.name}", folder, folder_size(folder), action, reason)
             )

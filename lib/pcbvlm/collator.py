@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pcbvlm.errors import DataError
+
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
 
@@ -42,8 +44,11 @@ def image_paths(messages: list[dict]) -> list[str]:
 
 def load_image(path: str) -> Image.Image:
     # DeepPCB images are grayscale or RGB JPEGs; the vision tower takes 3 channels.
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as err:  # missing, truncated or not an image: name the file (training would just stop)
+        raise DataError(f"{path}: cannot read the image ({err})") from None
 
 
 def sample_messages(sample: dict[str, Any]) -> list[dict]:

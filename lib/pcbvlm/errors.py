@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # a check failed (preflight) or a stage could not finish
 EXIT_BAD_INPUT = 2  # bad config, bad data, bad arguments
 EXIT_DISK_GUARD = 3  # training saved and stopped because the checkpoint volume ran low
+EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM (training saves a checkpoint first), as shells report Ctrl-C
 
 
 class UserError(Exception):
@@ -29,3 +30,7 @@ class DataError(UserError):
 
 class DiskGuardStop(UserError):
     exit_code = EXIT_DISK_GUARD
+
+
+class Interrupted(UserError):
+    exit_code = EXIT_INTERRUPTED

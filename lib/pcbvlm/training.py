@@ -14,13 +14,17 @@ Trainer's `checkpoint-N/` folders (adapter + optimizer/scheduler/RNG state, no b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 from pcbvlm.config import Config, write_resolved
-from pcbvlm.errors import DataError, DiskGuardStop, UserError
+from pcbvlm.errors import DataError, DiskGuardStop, Interrupted, UserError
 from pcbvlm.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,11 @@ MODEL_DIR = "model"  # the output of a full-parameter run
 # of a peft model, or the whole model of a full-parameter run, in one file or sharded).
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+# Written last, by the main process, after the Trainer has saved everything (CheckpointMarkerCallback):
+# a checkpoint folder without it was cut short (kill -9 or a crash mid-save).
+COMPLETE_MARKER = "checkpoint.json"
+# Held (flock) by the process that trains a run; the file holds its PID.
+LOCK_FILE = "run.lock"
 # Settings that change how a run is watched or stored, not what it computes: not part of its identity.
 OPERATIONAL_TRAIN_KEYS = {
     "disk_reserve_gb",
@@ -80,27 +89,113 @@ def run_identity(cfg: Config, data_hash: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _unreadable_file(path: Path) -> str | None:
+    """Why `path` cannot be loaded, or None. Cheap: reads headers and zip directories, never the tensors."""
+    import zipfile
+
+    try:
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if size > path.stat().st_size:
+                    return "unreadable (bad header)"
+                header = json.loads(fh.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size < 8 + size + end:
+                return "truncated"
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            # torch.save writes a zip archive; a cut file has no central directory at its end.
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        return f"unreadable ({type(err).__name__})"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from, or None when it can: its completion marker
+    must be there, every file it lists must have the recorded size, and the files must open."""
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} (the save did not finish)"
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        files = dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{COMPLETE_MARKER} unreadable"
+    required = set(CHECKPOINT_FILES)
+    if any(name.startswith("global_step") for name in files):
+        required -= {"optimizer.pt", "scheduler.pt"}  # DeepSpeed keeps them in global_stepN/
+    missing = sorted(required - set(files))
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not any(name in files for name in WEIGHT_FILES):
+        return f"lacks the weights ({' or '.join(WEIGHT_FILES)})"
+    for name, size in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when saved"
+        problem = _unreadable_file(file)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
 def is_complete_checkpoint(path: Path) -> bool:
-    return (
-        path.is_dir()
-        and all((path / name).is_file() for name in CHECKPOINT_FILES)
-        and any((path / name).is_file() for name in WEIGHT_FILES)
-    )
+    return path.is_dir() and checkpoint_problem(path) is None
 
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
-def newest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step whose files are all there (a kill mid-save leaves an
-    incomplete folder, which is skipped)."""
-    candidates = [
+def list_checkpoint_folders(run_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    folders = [
         p
         for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*")
-        if p.name[len(CHECKPOINT_PREFIX) :].isdigit() and is_complete_checkpoint(p)
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
-    return max(candidates, key=checkpoint_step, default=None)
+    return sorted(folders, key=checkpoint_step)
+
+
+def newest_complete_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint that can be resumed from. Newer ones that cannot (a kill mid-save, a truncated
+    file) are skipped with one warning naming each and why."""
+    skipped = []
+    for folder in reversed(list_checkpoint_folders(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            break
+        skipped.append(f"{folder.name} ({problem})")
+    else:
+        folder = None
+    if skipped and warn:
+        log.warning(
+            "%s: skipping broken checkpoint%s %s; using %s",
+            run_dir.name,
+            "s" if len(skipped) > 1 else "",
+            ", ".join(skipped),
+            folder.name if folder else "none",
+        )
+    return folder
+
+
+def write_checkpoint_marker(path: Path, step: int) -> Path:
+    """Record that `path` is complete: every file under it with its size (checked on resume)."""
+    files = {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".")
+    }
+    written = datetime.now(UTC).isoformat(timespec="seconds")
+    return atomic_write_json(path / COMPLETE_MARKER, {"step": step, "written": written, "files": files})
 
 
 def adapter_folder(path: Path) -> Path | None:
@@ -149,10 +244,9 @@ def plan_run(cfg: Config, identity: str, resume: str) -> RunPlan:
     if resume not in ("auto", "no"):
         target = Path(resume)
         if target.name.startswith(CHECKPOINT_PREFIX):
-            if not is_complete_checkpoint(target):
-                raise UserError(
-                    f"RESUME={resume}: not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)} and the weights)"
-                )
+            problem = checkpoint_problem(target) if target.is_dir() else "no such folder"
+            if problem:
+                raise UserError(f"RESUME={resume}: not a complete checkpoint: {problem}")
             return RunPlan(target.parent, target)
         if not target.is_dir():
             raise UserError(f"RESUME={resume}: no such run folder or checkpoint")
@@ -173,20 +267,113 @@ def plan_run(cfg: Config, identity: str, resume: str) -> RunPlan:
     return RunPlan(runs_dir / f"{stamp}-{identity}", None)
 
 
-def agree_on_plan(plan: RunPlan) -> RunPlan:
-    """Every process of a multi-process launch must use the main process's plan (names carry a time)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the process that trains it (flock on `<run>/run.lock`, which
+    holds its PID). The kernel drops a flock when its process dies, so a lock left by a killed run is free;
+    its PID file is taken over with a warning."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_FILE
+        self._fh = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            pid = _read_pid(self.path)
+            holder = f"process {pid}" if pid else "another process"
+            raise UserError(
+                f"run {self.run_dir.name} is being trained by {holder} (lock {self.path}); "
+                "wait for it, stop it, or start a new run with RESUME=no"
+            ) from None
+        previous = _read_pid(self.path)
+        if previous and previous != os.getpid():
+            state = "no longer running" if not _pid_alive(previous) else "lock released"
+            log.warning(
+                "%s: taking over the lock left by process %d (%s)", self.run_dir.name, previous, state
+            )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            # Emptied, not removed: removing would let a waiter lock the old file while a third locks a new one.
+            with contextlib.suppress(OSError):
+                self._fh.seek(0)
+                self._fh.truncate()
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+
+def run_lock_holder(run_dir: Path) -> int | None:
+    """The PID training `run_dir` now, or None when nobody holds its lock (0 when the PID is unknown)."""
+    import fcntl
+
+    path = run_dir / LOCK_FILE
+    if not path.is_file():
+        return None
+    with path.open("r") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(path) or 0
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+def claim_run(cfg: Config, identity: str, resume: str) -> tuple[RunPlan, RunLock | None]:
+    """The main process plans the run and locks its folder; every process of a multi-process launch gets
+    that plan (names carry a time) or the main process's error, so that all stop together."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     state = PartialState()
-    if state.num_processes == 1:
-        return plan
-    payload = [
-        (str(plan.run_dir), str(plan.resume_from) if plan.resume_from else None, plan.already_finished)
-    ]
-    broadcast_object_list(payload, from_process=0)
-    run_dir, resume_from, finished = payload[0]
-    return RunPlan(Path(run_dir), Path(resume_from) if resume_from else None, finished)
+    plan: RunPlan | None = None
+    lock: RunLock | None = None
+    error: UserError | None = None
+    if state.is_main_process:
+        try:
+            plan = plan_run(cfg, identity, resume)
+            if not plan.already_finished:
+                lock = RunLock(plan.run_dir).acquire()
+        except UserError as err:
+            error = err
+    if state.num_processes > 1:
+        payload = [(plan, error)]
+        broadcast_object_list(payload, from_process=0)
+        plan, error = payload[0]
+    if error is not None:
+        raise error
+    assert plan is not None
+    return plan, lock
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -292,6 +479,87 @@ class DiskGuardCallback:
         return control
 
 
+class CheckpointMarkerCallback:
+    """Marks each checkpoint complete (COMPLETE_MARKER) once the Trainer has saved all of it: on_save runs
+    after the adapter, optimizer, scheduler, RNG and trainer state are written."""
+
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A save into a folder that already holds a checkpoint of this step (a resume from an older one)
+        # overwrites it: its old marker goes first, so that a kill mid-overwrite cannot leave it claiming
+        # complete. Runs after the callbacks that decide to save (DefaultFlowCallback, disk guard, signals).
+        if self.is_main and control.should_save:
+            marker = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / COMPLETE_MARKER
+            marker.unlink(missing_ok=True)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # every process has written its RNG state
+        if self.is_main:
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if folder.is_dir():
+                write_checkpoint_marker(folder, state.global_step)
+        return control
+
+
+def _on_any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on one (all must stop after the same step)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=state.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class StopOnSignalCallback:
+    """SIGINT / SIGTERM (Ctrl-C, `docker stop`, a scheduler's preemption) finish the current optimizer step,
+    save a checkpoint and stop; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # the second signal: no more waiting
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(
+            f"{self.received}: saving a checkpoint after this step, then stopping",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _on_any_process(self.received is not None):
+            self.received = self.received or "a signal to another process"
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 def _as_trainer_callback(obj):
     from transformers import TrainerCallback
 
@@ -299,7 +567,7 @@ def _as_trainer_callback(obj):
         pass
 
     adapter = Adapter()
-    for name in ("on_train_begin", "on_log", "on_step_end"):
+    for name in ("on_train_begin", "on_log", "on_step_end", "on_save"):
         if hasattr(obj, name):
             setattr(adapter, name, getattr(obj, name))
     return adapter
@@ -400,11 +668,39 @@ class TrainResult:
 # The job
 
 
+def _epoch_seeded_length_sampler():
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """transformers' length-grouped order, shuffled by a generator seeded with (seed, epoch) instead of
+        the global RNG. The global RNG at the start of a later epoch differs between an uninterrupted run and
+        a resumed one (the resume draws the skipped epoch's order from a fresh RNG, then restores the
+        checkpoint's), so with it a resume across an epoch boundary saw other batches. The Trainer (through
+        accelerate's DataLoaderShard) calls set_epoch before each epoch, the skipped one included."""
+
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths)
+            self.seed = seed
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    return EpochSeededLengthGroupedSampler
+
+
 def answer_logits_trainer():
     """transformers' Trainer computing logits only where the loss needs them (see keep_answer_logits)."""
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from pcbvlm.collator import IGNORE_INDEX, keep_answer_logits
+
+    EpochSeededLengthGroupedSampler = _epoch_seeded_length_sampler()
 
     class AnswerLogitsTrainer(Trainer):
         def __init__(self, *args, **kwargs):
@@ -415,6 +711,16 @@ def answer_logits_trainer():
             # the answer tokens of the whole optimizer step (all processes, all micro-batches) and
             # compute_loss below weighs each micro-batch's mean by its share of them.
             self.model_accepts_loss_kwargs = True
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                return EpochSeededLengthGroupedSampler(
+                    sampler.batch_size,
+                    lengths=sampler.lengths,
+                    seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                )
+            return sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = keep_answer_logits(inputs)
@@ -507,7 +813,63 @@ def build_training_arguments(cfg: Config, run_dir: Path, dtype: torch.dtype, dev
     )
 
 
+@dataclass
+class _RunRecord:
+    """What `train` must settle however it ends: the run's lock, and a manifest still saying "running"."""
+
+    lock: RunLock | None = None
+    manifest_path: Path | None = None
+    manifest: dict[str, Any] | None = None
+    stopper: StopOnSignalCallback = field(default_factory=StopOnSignalCallback)
+
+    def settle(self, err: BaseException | None) -> None:
+        self.stopper.uninstall()
+        if err is not None and self.manifest is not None and self.manifest.get("status") == "running":
+            interrupted = isinstance(err, KeyboardInterrupt)
+            self.manifest.update(
+                end=datetime.now(UTC).isoformat(timespec="seconds"),
+                status="interrupted" if interrupted else "failed",
+                error=None if interrupted else _one_line_error(err),
+            )
+            atomic_write_json(self.manifest_path, self.manifest)
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _one_line_error(err: BaseException) -> str:
+    text = str(err).strip()
+    return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
+
+
+def _from_worker(err: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker comes back with the worker's traceback as its message;
+    keep its own last line, so that the job still prints one line."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    last = text.strip().splitlines()[-1]
+    clean = type(err)(last.split(": ", 1)[1] if ": " in last else last)
+    clean.__cause__ = None
+    return clean
+
+
 def train(cfg: Config, resume: str = "auto") -> TrainResult:
+    """Train (or resume) a run; a run that fails or is interrupted says so in its manifest."""
+    record = _RunRecord()
+    try:
+        result = _train(cfg, resume, record)
+    except UserError as err:
+        err = _from_worker(err)
+        record.settle(err)
+        raise err from None
+    except BaseException as err:
+        record.settle(err)
+        raise
+    record.settle(None)
+    return result
+
+
+def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -540,7 +902,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         raise DataError(f"{data_dir / 'train.jsonl'}: no training samples")
 
     identity = run_identity(cfg, dataset_hash(data_dir))
-    plan = agree_on_plan(plan_run(cfg, identity, resume))
+    plan, record.lock = claim_run(cfg, identity, resume)
     if plan.already_finished:
         output = full_model_folder(plan.run_dir) or plan.run_dir / ADAPTER_DIR
         return TrainResult(plan.run_dir, output, "already finished")
@@ -583,6 +945,9 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         manifest["first_start"] = previous.get("first_start", started)
         atomic_write_json(manifest_path, manifest)
+        record.manifest_path, record.manifest = manifest_path, manifest
+    # From here on a signal lets the run save and stop (after its first step, if it comes during loading).
+    record.stopper.install()
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they set up sharded model construction.
     args = build_training_arguments(cfg, run_dir, dtype, device, has_eval=bool(val_rows))
@@ -614,6 +979,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * state.num_processes
     metrics = MetricsCallback(run_dir / "metrics.jsonl", samples_per_step, is_main, resume_step)
     guard = DiskGuardCallback(run_dir, cfg.train.disk_reserve_gb)
+    stopper = record.stopper
     trainer = answer_logits_trainer()(
         model=model,
         args=args,
@@ -621,16 +987,27 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         eval_dataset=val_ds,
         data_collator=TrainCollator(processor),
         processing_class=processor.tokenizer,
-        callbacks=[_as_trainer_callback(metrics), _as_trainer_callback(guard)],
+        callbacks=[
+            _as_trainer_callback(metrics),
+            _as_trainer_callback(guard),
+            _as_trainer_callback(stopper),
+            _as_trainer_callback(CheckpointMarkerCallback(is_main)),
+        ],
     )
     if plan.resume_from and is_main:
         print(f"resuming {run_dir.name} from {plan.resume_from.name} (step {resume_step})", flush=True)
     begin = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    except BaseException:
+        _close_progress_bars(trainer)  # else the bar is redrawn after the error line at exit
+        raise
+    stopper.uninstall()
     seconds = time.perf_counter() - begin
+    stopped_early = guard.triggered_free is not None or stopper.received is not None
 
     eval_loss = None
-    if val_ds is not None and guard.triggered_free is None:
+    if val_ds is not None and not stopped_early:
         eval_loss = trainer.evaluate().get("eval_loss")
     result = TrainResult(
         run_dir=run_dir,
@@ -648,6 +1025,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     )
     if guard.triggered_free is not None:
         result.status = "stopped by disk guard"
+    elif stopper.received is not None:
+        result.status = "interrupted"
     elif is_main and cfg.train.method == "full":
         result.adapter_dir = save_full_model(trainer.model, processor, run_dir / MODEL_DIR)
     elif is_main:
@@ -678,7 +1057,24 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
             f"train.disk_reserve_gb={cfg.train.disk_reserve_gb:g}: saved {checkpoint.name if checkpoint else 'nothing'} "
             f"at step {result.global_step} and stopped; free space and run `make train` again to resume"
         )
+    if stopper.received is not None:
+        checkpoint = newest_complete_checkpoint(run_dir)
+        raise Interrupted(
+            f"{stopper.received}: saved {checkpoint.name if checkpoint else 'nothing'} at step "
+            f"{result.global_step} and stopped; run `make train` again to resume {run_dir.name}"
+        )
     return result
+
+
+def _close_progress_bars(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for bar in (callback.training_bar, callback.prediction_bar):
+                if bar is not None:
+                    bar.close()
+            callback.training_bar = callback.prediction_bar = None
 
 
 def enable_full_training(model, cfg: Config) -> None:
