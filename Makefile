@@ -143,7 +143,8 @@ data: $(JOB_DEPS) ## convert FORMAT=deeppcb|coco|yolo|voc SRC=... (DeepPCB: DEEP
 train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several GPUs); runs preflight first
 	@$(MAKE) preflight JOB=train
 	$(call announce,train)
-	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(PROFILE)) $(if $(RESUME),--resume $(RESUME))
+	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(call q,$(PROFILE))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
+	    || $(call failed,train)
 
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base
 	@$(MAKE) preflight JOB=merge
