@@ -14,8 +14,8 @@ Public API:
 - `load_samples(data_dir, split)`: read a converted split back.
 - `find_pcbdata`, `read_split_file`, `parse_annotation`, `assign_val`: the pieces, for tests and tools.
 
-Problems (bad lines, missing files, duplicates) never stop a normal run: the sample is skipped, counted
-and reported. `strict=True` turns any problem into a `DataError` before anything is written. A missing
+Problems (bad lines, missing files, duplicates, truncated images, empty annotation files) never stop a
+normal run: the sample is skipped, counted and reported. `strict=True` turns any problem into a `DataError` before anything is written. A missing
 split file or a folder without `PCBData` is an error in any mode.
 """
 
@@ -44,6 +44,9 @@ STATS_FILE = "stats.json"
 MALFORMED_SPLIT_LINE = "malformed_split_line"
 DUPLICATE_SAMPLE = "duplicate_sample"
 MISSING_ANNOTATION = "missing_annotation"
+# DeepPCB pairs every test image with its defects: all 1500 annotation files list at least one box, so an
+# empty file is a lost or truncated annotation, not a defect-free board (the answer would teach "no defects").
+EMPTY_ANNOTATION = "empty_annotation"
 MALFORMED_LINE = "malformed_line"
 BAD_CLASS = "bad_class"
 DEGENERATE_BOX = "degenerate_box"
@@ -293,12 +296,21 @@ def _class_legend() -> str:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+    """The size of a fully decoded image: a truncated or corrupt file is a DataError naming it.
 
+    The header alone (Image.open) passes a truncated JPEG, which then kills training mid-run; load()
+    decodes every pixel (about 5 ms for a 640x640 DeepPCB board). LOAD_TRUNCATED_IMAGES must stay off,
+    or PIL pads the missing part with grey instead of raising.
+    """
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images would pass unnoticed")
     try:
-        with Image.open(path) as img:  # reads the header only
+        with Image.open(path) as img:
+            img.load()
             return img.size
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
 
 
@@ -373,6 +385,15 @@ def convert(deeppcb_dir: str | Path, data_cfg: DataConfig, progress: bool = Fals
         # Parsed before the image is looked at, so that the box counts cover every annotation file.
         objects, sample_problems = parse_annotation(entry.annotation, sample_id=sid)
         box_counts[entry.split].update(obj["label"] for obj in objects)
+        if not objects and not sample_problems:
+            sample_problems = [
+                Problem(
+                    EMPTY_ANNOTATION,
+                    sid,
+                    f"{entry.annotation}: empty annotation file (every DeepPCB board has at least one defect; "
+                    f"listed at {entry.where})",
+                )
+            ]
         problems.extend(sample_problems)
 
         if sid in exclude:
