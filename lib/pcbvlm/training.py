@@ -31,6 +31,7 @@ import torch
 from pcbvlm.config import Config, write_resolved
 from pcbvlm.errors import DataError, DiskGuardStop, UserError
 from pcbvlm.io import atomic_directory, atomic_write_json
+from pcbvlm.provenance import write_adapter_provenance
 
 log = logging.getLogger(__name__)
 
@@ -589,6 +590,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     elif is_main:
         with atomic_directory(run_dir / ADAPTER_DIR, overwrite=True) as tmp:
             trainer.model.save_pretrained(tmp)
+            write_adapter_provenance(tmp, run_dir.name)  # run id + adapter hash, for merge and MODEL=auto
         result.adapter_dir = run_dir / ADAPTER_DIR
     state.wait_for_everyone()
 
