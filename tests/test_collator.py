@@ -37,8 +37,12 @@ def test_split_messages_returns_prompt_turns_and_answer_text():
     assert split_messages(_chat([{"type": "image", "image": "x"}, {"type": "text", "text": "ok"}]))[1] == "ok"
     assert split_messages(_chat([{"type": "text"}]))[1] == ""
     for bad in ([], _chat("[]")[:1]):
-        with pytest.raises(ValueError, match="must end with an assistant turn"):
+        with pytest.raises(ValueError, match="^a training sample must end with an assistant turn$"):
             split_messages(bad)
+    # More than one prompt turn: all but the last are the prompt, the last is the answer.
+    system = {"role": "system", "content": "be brief"}
+    prompt, answer = split_messages([system, *_chat("[2]")])
+    assert prompt == [system, _chat("")[0]] and answer == "[2]"
 
 
 def test_image_paths_in_order_from_list_contents_only():
@@ -72,7 +76,7 @@ def test_sample_messages_accepts_json_text():
 
 def test_a_tokenizer_without_pad_token_is_refused():
     processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=None))
-    with pytest.raises(ValueError, match="no pad token"):
+    with pytest.raises(ValueError, match="^the tokenizer has no pad token$"):
         TrainCollator(processor)
 
 
@@ -89,6 +93,8 @@ def test_encoding_masks_everything_but_the_answer(tiny_processor, tiny_data_dir)
     assert encoded["input_ids"][-n:].tolist() == learned
     assert encoded["mm_token_type_ids"][-n:].eq(0).all()
     assert encoded["input_ids"].dtype == encoded["labels"].dtype == torch.long
+    # The learned tokens start right after the generation prompt "<|im_start|>assistant\n".
+    assert tok.decode(encoded["input_ids"][:-n].tolist()).endswith("<|im_start|>assistant\n")
     assert encoded["pixel_values"].shape[0] == int(encoded["image_grid_thw"].prod(-1).sum())
 
 

@@ -39,6 +39,12 @@ def test_compare_logits_figures():
     }
 
 
+def test_compare_logits_with_small_logits():
+    # A logit scale below 1 is still a scale: 0.1 / 0.5 = 0.2.
+    got = compare_logits(torch.tensor([[0.5, -0.25]]), torch.tensor([[0.4, -0.25]]))
+    assert got["rel_max_diff"] == pytest.approx(0.2)
+
+
 def test_compare_logits_of_all_zero_reference_is_infinitely_far():
     zeros = torch.zeros(2, 3)
     assert compare_logits(zeros, zeros + 1)["rel_max_diff"] == math.inf

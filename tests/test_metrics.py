@@ -387,6 +387,9 @@ def test_coco_curves_use_the_iou_05_row_and_all_100_detections(capsys):
     # COCO's interpolated precision: 1/12 up to recall 1 (all 101 points), at IoU 0.5 with maxDets 100.
     assert curve == [pytest.approx(1 / 12)] * 101
     assert result.metrics["coco"]["per_class_ap50"]["short"] == pytest.approx(1 / 12)
+    # mAP@0.5 is that AP (the only class with ground truth); at IoU 0.75 the hit is a miss.
+    assert result.metrics["coco"]["map50"] == pytest.approx(1 / 12)
+    assert result.metrics["coco"]["map50_95"] == pytest.approx(3 / 12 / 10)  # a hit at IoU 0.5, 0.55, 0.6
     assert capsys.readouterr().out == ""  # pycocotools' printing is swallowed
 
 

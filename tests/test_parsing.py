@@ -309,6 +309,7 @@ MORE_CASES = [
     ("two_invalid_bare_objects", f"{BAD}{BAD}{obj()}", [("open", PX)], {"invalid_json": 2, "no_list": 1}),
     ("two_missing_commas", f"[{obj()} {obj()} {obj()}]", [("open", PX)] * 3, {"invalid_json": 2}),
     ("junk_inside_list", f"[{obj()} oops]", [("open", PX)], {"invalid_json": 1, "extra_text": 1}),
+    ("invalid_then_junk", f"[{BAD}, {obj()} oops]", [("open", PX)], {"invalid_json": 2, "extra_text": 1}),
     ("only_invalid_object_in_list", "[{oops}]", [], {"invalid_json": 1}),
     # A list that holds an object is the answer, even when a later element is not an object.
     ("object_then_number", f"[{obj()}, 5]", [("open", PX)], {"not_an_object": 1}),
