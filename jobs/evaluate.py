@@ -10,6 +10,8 @@ override paths.data_dir and eval.split. The logic lives in pcbvlm.evaluate.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,14 +19,40 @@ from typing import Any
 
 from pcbvlm.cli import config_from_args, make_parser, run_job
 from pcbvlm.config import Config, write_resolved
+from pcbvlm.errors import DataError, UserError
 from pcbvlm.evaluate import (
     SPLITS,
+    compute_scores,
     load_scoring_samples,
     read_predictions,
-    score_predictions,
+    summary_line,
     write_comparison,
+    write_scores,
 )
-from pcbvlm.io import atomic_write_jsonl
+from pcbvlm.io import atomic_directory, atomic_write_jsonl, is_partial
+
+# What an evaluation writes into its folder; the folder is replaced as a whole, so one holding anything
+# else (a predictions file's own folder, say) is refused rather than emptied.
+EVAL_OUTPUTS = frozenset(
+    {"metrics.json", "report.md", "pr_curve.png", "overlays", "predictions.jsonl", "config.resolved.yaml"}
+)
+
+
+def check_out(out: Path, keep: Path | None = None) -> None:
+    """Refuse an --out that is a file, a `.partial-*` name, or a folder with files an evaluation does not
+    write (`keep`: the predictions file being scored, which is carried over)."""
+    if is_partial(out):
+        raise DataError(f"--out {out}: `.partial-*` names are reserved for unfinished folders")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EVAL_OUTPUTS and p != keep)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise DataError(
+                f"--out {out}: holds {foreign[0]}{more}, which an evaluation does not write; an evaluation "
+                "replaces its folder as a whole, so give a new or empty folder (--out, make eval OUT=...)"
+            )
 
 
 def _generate(
@@ -75,22 +103,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_samples = load_scoring_samples(data_dir, split)
     samples = all_samples[: cfg.eval.limit] if cfg.eval.limit else all_samples
     run: dict[str, Any] = {}
+    generated: list[dict[str, Any]] | None = None
+    carried: Path | None = None  # the predictions file scored in place, copied into the new folder
     if args.predictions:
         wanted = {s["id"] for s in samples}
         # Validated against the whole split: with eval.limit, lines for later samples are skipped, not errors.
         predictions = [p for p in read_predictions(args.predictions, all_samples) if p["id"] in wanted]
         images_per_s = None
         out = args.out or args.predictions.parent
+        if args.predictions.resolve().parent == out.resolve():
+            carried = args.predictions
+        check_out(out, carried)
         run["predictions"] = str(args.predictions)
     else:
         from pcbvlm.generate import resolve_model_ref
 
         model_path = resolve_model_ref(cfg, args.model)
-        print(f"evaluating {model_path}", flush=True)
         out = args.out or cfg.paths.outputs_dir / "eval" / f"{Path(model_path).name}-{split}"
+        check_out(out)  # before the (long) generation
+        print(f"evaluating {model_path}", flush=True)
         predictions, images_per_s = _generate(cfg, model_path, samples)
-        # Kept beside the report, so the run can be rescored later with --predictions.
-        atomic_write_jsonl(out / "predictions.jsonl", predictions)
+        generated = predictions
         run["model"] = model_path
     run.update(
         {
@@ -99,22 +132,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             "evaluated": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
     )
-    metrics = score_predictions(
+    scores = compute_scores(
         predictions,
         samples,
-        out,
         images_per_s=images_per_s,
-        worst_n=cfg.eval.worst_n,
         run=run,
         source=str(args.predictions) if args.predictions else "generated predictions",
     )
-    write_resolved(cfg, out)
-    dp, coco = metrics["deeppcb"], metrics["coco"]
-    map50 = "n/a" if coco["map50"] is None else f"{coco['map50']:.4f}"
-    print(
-        f"DeepPCB P {dp['precision']:.4f} R {dp['recall']:.4f} F {dp['fscore']:.4f} AP {dp['ap']:.4f}; "
-        f"COCO mAP@0.5 {map50}; parse failures {metrics['parse_failure_rate']:.2%}"
-    )
+    # The result first: a failing picture or a full disk below must not take the numbers with it.
+    print(summary_line(scores.metrics), flush=True)
+    try:
+        with atomic_directory(out, overwrite=True) as tmp:
+            if generated is not None:
+                # Kept beside the report, so the run can be rescored later with --predictions.
+                atomic_write_jsonl(tmp / "predictions.jsonl", generated)
+            if carried is not None:
+                shutil.copy2(carried, tmp / carried.name)
+            write_scores(tmp, scores, cfg.eval.worst_n)
+            write_resolved(cfg, tmp)
+    except Exception as err:
+        kept = ""
+        if generated is not None:
+            # Generation is the expensive part (an hour for the 32B model): keep it for --predictions.
+            path = atomic_write_jsonl(out.with_name(f"{out.name}.unscored-predictions.jsonl"), generated)
+            kept = f"; the generated predictions are kept in {path} (rescore them with --predictions)"
+        if isinstance(err, OSError):
+            raise UserError(
+                f"{out}: could not write the report ({err}); nothing was published there, the metrics "
+                f"are above{kept}"
+            ) from None
+        if kept:
+            print(kept.removeprefix("; "), file=sys.stderr)
+        raise
     print(f"wrote {out}/metrics.json, report.md, pr_curve.png, overlays/")
     return 0
 

@@ -1,5 +1,7 @@
 """Find defects on one board image: boxes as JSON on stdout, an overlay PNG on disk.
 
+The JSON is printed before the overlay is written (atomically); a failed write exits 1 after it.
+
 make infer IMAGE=board_test.jpg [TEMPLATE=board_temp.jpg] [OUT=overlay.png] [MODEL=quantized]
 """
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from pcbvlm.cli import config_from_args, make_parser, run_job
-from pcbvlm.errors import DataError
+from pcbvlm.errors import DataError, UserError
 
 
 def main(argv=None) -> int:
@@ -54,7 +56,6 @@ def main(argv=None) -> int:
     text, offsets, probs = generate_batch(loaded, [messages], cfg.eval.max_new_tokens)[0]
     prediction = to_prediction(text, offsets, probs, sample["id"], width, height, sample["classes"])
     out = args.out or args.image.with_name(f"{args.image.stem}.pred.png")
-    save_png(draw_overlay(args.image, prediction["objects"]), out)
     result = {
         "image": str(args.image),
         "model": loaded.path,
@@ -65,7 +66,12 @@ def main(argv=None) -> int:
         "raw": text,
         "overlay": str(out),
     }
-    print(json.dumps(result, indent=2))
+    # The boxes first: a picture that cannot be written (full disk, bad --out) must not take them along.
+    print(json.dumps(result, indent=2), flush=True)
+    try:
+        save_png(draw_overlay(args.image, prediction["objects"]), out)  # atomic: a temp file, then rename
+    except OSError as err:
+        raise UserError(f"{out}: could not write the overlay ({err}); the boxes are printed above") from None
     return 0
 
 

@@ -359,6 +359,21 @@ def _unreadable_image(layout: Path) -> tuple[str, str]:
     return sid, f"{(images / f'{sid}_test.jpg').resolve()}: cannot read the image"
 
 
+def _truncated_image(layout: Path) -> tuple[str, str]:
+    """The header is intact (Image.open and .size pass), the pixel data ends early: only a decode finds it."""
+    sid, images, _ = _first(layout)
+    path = images / f"{sid}_temp.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return sid, f"{path.resolve()}: cannot read the image"
+
+
+def _empty_annotation(layout: Path) -> tuple[str, str]:
+    sid, _, ann = _first(layout)
+    ann.write_text("\n")
+    return sid, f"{ann.resolve()}: empty annotation file"
+
+
 def _malformed_split_line(layout: Path) -> tuple[str, str]:
     path = layout / "PCBData" / "trainval.txt"
     path.write_text(path.read_text() + "\ngroup1/1/1.jpg")
@@ -389,6 +404,8 @@ BAD_INPUTS = {
     "missing template": (_missing_template, "missing", "not found in"),
     "missing annotation": (_missing_annotation, "missing", "annotation file not found"),
     "unreadable image": (_unreadable_image, "missing", "cannot read the image"),
+    "truncated image": (_truncated_image, "missing", "image file is truncated"),
+    "empty annotation": (_empty_annotation, "missing", "every DeepPCB board has at least one defect"),
     "malformed split line": (_malformed_split_line, "untouched", "expected 'groupN/N/<id>.jpg"),
 }
 

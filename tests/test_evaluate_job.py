@@ -315,3 +315,81 @@ def test_conflicting_arguments_exit_2(tmp_path, capsys):
     code, _, err = _cli("--compare", str(tmp_path), str(tmp_path), "--predictions", "p.jsonl", capsys=capsys)
     assert code == EXIT_BAD_INPUT
     assert "--compare takes neither --predictions nor --model" in err
+
+
+def _fake_generation(monkeypatch) -> None:
+    import pcbvlm.generate
+
+    monkeypatch.setattr(pcbvlm.generate, "generate_predictions", lambda *args: (PREDICTIONS, 12.5))
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_replaces_the_folder_as_a_whole(dataset, tmp_path, capsys, monkeypatch):
+    """No overlays of the previous evaluation stay beside the new ones."""
+    _fake_generation(monkeypatch)
+    out = tmp_path / "o"
+    args = ("--model", str(tmp_path / "m"), "--data-dir", str(dataset), "--out", str(out))
+    assert _cli(*args, "--set", "eval.worst_n=2", capsys=capsys)[0] == 0
+    assert len(list((out / "overlays").iterdir())) == 2
+    assert _cli(*args, "--set", "eval.worst_n=1", capsys=capsys)[0] == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["worst_01_s2.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "o"]  # no .partial-* or .old-* left
+
+
+def test_a_failed_write_prints_the_metrics_and_keeps_the_previous_folder(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    _fake_generation(monkeypatch)
+    out = tmp_path / "o"
+    args = ("--model", str(tmp_path / "m"), "--data-dir", str(dataset), "--out", str(out))
+    assert _cli(*args, capsys=capsys)[0] == 0
+    before = _files(out)
+
+    import pcbvlm.report
+
+    def full_disk(path, result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pcbvlm.report, "plot_pr_curves", full_disk)
+    code, stdout, err = _cli(*args, "--set", "eval.worst_n=1", capsys=capsys)
+    assert code == 1
+    assert "DeepPCB P 0.6667 R 0.5000 F 0.5714 AP 0.5000" in stdout  # the result survives the failure
+    assert err.count("\n") == 1 and "Traceback" not in err
+    kept = tmp_path / "o.unscored-predictions.jsonl"
+    assert err == (
+        f"error: {out}: could not write the report ([Errno 28] No space left on device); nothing was "
+        f"published there, the metrics are above; the generated predictions are kept in {kept} (rescore "
+        "them with --predictions)\n"
+    )
+    assert _files(out) == before  # the previous evaluation, whole and untouched
+    assert [json.loads(line) for line in kept.read_text().splitlines()] == PREDICTIONS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "o", kept.name]
+
+
+def test_rescoring_in_place_keeps_the_predictions_and_refuses_foreign_folders(dataset, tmp_path, capsys):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    preds = _write_jsonl(folder / "predictions.jsonl", PREDICTIONS)
+    (folder / "overlays").mkdir()
+    (folder / "overlays" / "worst_09_old.png").write_bytes(b"old")
+    code, _, err = _cli("--predictions", str(preds), "--data-dir", str(dataset), capsys=capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.resolved.yaml",
+        "metrics.json",
+        "overlays",
+        "pr_curve.png",
+        "predictions.jsonl",
+        "report.md",
+    ]
+    assert [json.loads(line) for line in preds.read_text().splitlines()] == PREDICTIONS
+    assert "worst_09_old.png" not in {p.name for p in (folder / "overlays").iterdir()}
+
+    (folder / "notes.txt").write_text("mine")
+    code, _, err = _cli("--predictions", str(preds), "--data-dir", str(dataset), capsys=capsys)
+    assert code == EXIT_BAD_INPUT
+    assert err.startswith(f"error: --out {folder}: holds notes.txt, which an evaluation does not write")
+    assert (folder / "notes.txt").read_text() == "mine"

@@ -114,7 +114,10 @@ def test_eval_and_infer_jobs_on_the_tiny_model(cfg, tiny_model_dir, tiny_data_di
     assert all(p["raw"] for p in predictions)  # the random model writes something, parsed or not
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images_per_s"] > 0
-    assert 0.0 <= metrics["parse_failure_rate"] <= 1.0
+    # The rate is the share of answers the parser gave up on, counted from what was written.
+    failed = sum(p["error"] is not None for p in predictions)
+    assert metrics["parse_failure_rate"] == pytest.approx(failed / len(predictions))
+    assert metrics["counts"]["images"] == len(predictions)
 
     image = load_samples(tiny_data_dir, "test")[0]["image"]
     overlay = tmp_path / "overlay.png"
@@ -125,6 +128,16 @@ def test_eval_and_infer_jobs_on_the_tiny_model(cfg, tiny_model_dir, tiny_data_di
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["width"] == 640 and result["overlay"] == str(overlay)
     assert overlay.stat().st_size > 1000
+    # The boxes are printed before the overlay is written: an overlay that cannot be written costs only itself.
+    blocked = tmp_path / "a-file" / "overlay.png"
+    blocked.parent.write_text("")
+    proc = run_job(
+        "infer.py", "--config", str(TINY), *sets, "--model", "base", "--image", image, "--out", str(blocked)
+    )
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout[proc.stdout.index("{") :])["objects"] == result["objects"]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {blocked}: could not write the overlay (")
+    assert "Traceback" not in proc.stderr
     missing = run_job("infer.py", "--config", str(TINY), *sets, "--image", str(tmp_path / "nope.jpg"))
     assert (
         missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.jpg'}: no such image"

@@ -241,3 +241,23 @@ def test_failed_or_interrupted_merge_publishes_nothing(cfg, run_dir, tmp_path, m
         merge_adapter(cfg, run_dir, tmp_path / "unverified")
     assert not (tmp_path / "unverified").exists()
     assert not list(tmp_path.glob(f"*{PARTIAL_MARK}*"))
+
+
+def test_bf16_merge_passes_its_tolerance_and_a_lost_adapter_does_not(cfg, run_dir, tmp_path, monkeypatch):
+    """The bf16 bound (0.1 of the logit scale) is what a real merge runs under: a correct bf16 merge
+    lands between the fp32 bound and it, and a merge that drops the adapter lands above it."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    bf16 = cfg.model_copy(deep=True)
+    bf16.train.precision = "bf16"
+    report = json.loads((merge_adapter(bf16, run_dir, tmp_path / "bf16").out_dir / MERGE_REPORT).read_text())
+    assert report["dtype"] == "bfloat16" and report["tolerance"] == 0.1 and report["verified"] is True
+    # bf16 rounding shows (the fp32 bound would refuse this good merge), well inside the bf16 bound.
+    assert FP32_REL_TOL < report["diff"]["rel_max_diff"] <= 0.1
+    assert report["adapter_effect"]["rel_max_diff"] > 0.1  # the adapter moves the logits beyond the bound
+
+    # A merge that loses the adapter (unload instead of merge_and_unload) fails verification in bf16.
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    with pytest.raises(UserError, match=r"merge verification failed: .* above the 0.1 allowed for bfloat16"):
+        merge_adapter(bf16, run_dir, tmp_path / "lost")
+    assert not (tmp_path / "lost").exists()

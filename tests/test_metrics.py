@@ -298,3 +298,151 @@ def test_matching_exposes_errors_per_image():
     )
     assert match.correct == 1
     assert (match.false_positives, match.false_negatives, match.errors) == (2, 1, 3)
+
+
+# --- Gaps found by mutation testing (make mutation) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),  # apart in x and in y: both overlaps negative
+        ([0, 0, 10, 10], [5, 20, 15, 30], 0.0),  # overlapping in x only
+        ([0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5], 1.0),  # a union below one pixel is still a union
+    ],
+)
+def test_box_iou_of_disjoint_and_sub_pixel_boxes(a, b, expected):
+    assert box_iou(a, b) == approx(expected)
+
+
+def test_a_missing_or_null_score_ranks_as_one():
+    from pcbvlm.metrics import _score
+
+    assert _score({"score": None}) == 1.0 and _score({}) == 1.0 and _score({"score": "0.25"}) == 0.25
+
+
+def test_deeppcb_metrics_keys_threshold_and_curves():
+    # IoU 0.4 ([0, 0, 100, 40] in A): a match at 0.33, none at 0.5.
+    images = [
+        image([gt("open", A), gt("short", B)], [det("open", [0, 0, 100, 40], 0.9), det("spur", FAR, 0.5)])
+    ]
+    result = deeppcb_metrics(images, iou_threshold=0.5)
+    assert result.metrics == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "fscore": 0.0,
+        "ap": 0.0,
+        "iou_threshold": 0.5,
+        "correct": 0,
+        "detections": 2,
+        "gt_boxes": 2,
+    }
+    assert [m.gt_to_det for m in result.matches] == [[None, None]]
+    loose = deeppcb_metrics(images)
+    assert loose.metrics["correct"] == 1 and loose.metrics["iou_threshold"] == 0.33
+    assert loose.curve_precision == [1.0, 0.5] and loose.curve_recall == [0.5, 0.5]
+
+
+def test_deeppcb_curve_without_ground_truth_stays_at_zero_recall():
+    result = deeppcb_metrics([image([], [det("open", A, 0.9), det("open", B, 0.8)])])
+    assert result.curve_recall == [0.0, 0.0] and result.curve_precision == [0.0, 0.0]
+
+
+def test_deeppcb_fscore_below_one_half():
+    # 2 of 5 detections correct, 2 of 5 gt found: P = R = 0.4, F = 0.4 (p + r = 0.8 < 1).
+    boxes = [A, B, C, D, E]
+    gts = [gt("open", b) for b in boxes]
+    dets = [det("open", A), det("open", B), det("short", C), det("short", D), det("short", E)]
+    m = deeppcb_metrics([image(gts, dets)]).metrics
+    assert (m["precision"], m["recall"], m["fscore"]) == (approx(0.4), approx(0.4), approx(0.4))
+
+
+def test_xywh_of_a_box_away_from_the_origin():
+    from pcbvlm.metrics import _xywh
+
+    assert _xywh([10, 20, 40, 80]) == [10.0, 20.0, 30.0, 60.0]
+
+
+def test_coco_on_boxes_that_differ_separates_map50_from_map50_95():
+    # Detection [10, 20, 40, 84] on gt [10, 20, 40, 80]: IoU 60*30 / 64*30 = 0.9375: a hit at 0.5..0.9,
+    # a miss at 0.95; so AP50 = 1 and AP50:95 = 9/10. A wrong xywh conversion moves the boxes apart.
+    gt_box, det_box = [10, 20, 40, 80], [10, 20, 40, 84]
+    result = evaluate_detections([image([gt("open", gt_box)], [det("open", det_box, 0.8)])])
+    coco = result.metrics["coco"]
+    assert coco["map50"] == approx(1.0)
+    assert coco["map50_95"] == approx(0.9)
+    assert coco["per_class_ap50"] == {label: (approx(1.0) if label == "open" else None) for label in LABELS}
+    assert result.coco.recall_thresholds == [pytest.approx(i / 100) for i in range(101)]
+    assert result.coco.precision_iou50 == {"open": [approx(1.0)] * 101}
+    assert result.deeppcb.matches[0].gt_to_det == [0]
+
+
+def test_coco_curves_use_the_iou_05_row_and_all_100_detections(capsys):
+    # IoU 0.6 (a miss at 0.75 and above) and the one hit ranked 12th of 12 (beyond COCO's maxDets 10).
+    gts = [gt("short", [0, 0, 100, 100])]
+    misses = [det("short", [300 + 20 * i, 300, 310 + 20 * i, 310], 0.9) for i in range(11)]
+    hit = det("short", [0, 0, 100, 60], 0.5)
+    result = evaluate_detections([image(gts, [*misses, hit])])
+    curve = result.coco.precision_iou50["short"]
+    # COCO's interpolated precision: 1/12 up to recall 1 (all 101 points), at IoU 0.5 with maxDets 100.
+    assert curve == [pytest.approx(1 / 12)] * 101
+    assert result.metrics["coco"]["per_class_ap50"]["short"] == pytest.approx(1 / 12)
+    # mAP@0.5 is that AP (the only class with ground truth); at IoU 0.75 the hit is a miss.
+    assert result.metrics["coco"]["map50"] == pytest.approx(1 / 12)
+    assert result.metrics["coco"]["map50_95"] == pytest.approx(3 / 12 / 10)  # a hit at IoU 0.5, 0.55, 0.6
+    assert capsys.readouterr().out == ""  # pycocotools' printing is swallowed
+
+
+def test_per_class_matching_goes_by_descending_score():
+    # The top detection overlaps g2 best (0.7 vs 0.6) and takes it; the second only overlaps g2, which is
+    # gone: 1 TP. By ascending score the second would take g2 first and the top one g1: 2 TP.
+    g1, g2 = [0, 0, 100, 100], [0, 40, 100, 140]
+    top = [0, 25, 100, 125]  # g1: 75/125 = 0.6, g2: 85/115 = 0.739
+    second = [0, 45, 100, 145]  # g2: 95/105 = 0.905, g1: 55/145 = 0.38
+    counts = per_class_prf(
+        [image([gt("open", g1), gt("open", g2)], [det("open", second, 0.5), det("open", top, 0.9)])]
+    )
+    assert counts["classes"]["open"]["tp"] == 1
+
+
+def test_per_class_iou_exactly_at_threshold_matches_and_ties_keep_the_first_box():
+    # IoU exactly 0.5 counts (COCO's >=).
+    exact = per_class_prf([image([gt("open", [0, 0, 10, 10])], [det("open", [0, 0, 10, 5])])])
+    assert exact["classes"]["open"]["tp"] == 1
+    # det1 overlaps g1 and g2 equally (0.905) and takes g1, the first; det2 overlaps g1 (0.54) and g2 (0.43
+    # < 0.5): g1 is gone, so det2 is a FP. Taking the later of equal boxes would give 2 TP.
+    g1, g2 = [0, 0, 10, 10], [1, 0, 11, 10]
+    dets = [det("open", [0.5, 0, 10.5, 10], 0.9), det("open", [-3, 0, 7, 10], 0.8)]
+    tied = per_class_prf([image([gt("open", g1), gt("open", g2)], dets)])
+    assert tied["classes"]["open"]["tp"] == 1
+    # The best of two boxes, when the better one comes second.
+    better_second = per_class_prf(
+        [image([gt("open", [0, 0, 10, 10]), gt("open", [0, 0, 10, 8])], [det("open", [0, 0, 10, 8])])]
+    )
+    assert better_second["classes"]["open"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": approx(2 / 3),
+        "tp": 1,
+        "fp": 0,
+        "fn": 1,
+    }
+
+
+def test_per_class_counts_add_up_over_images_and_ratios_with_equal_terms():
+    images = [
+        image([gt("open", A)], [det("open", A), det("open", FAR)], "i1"),  # TP 1, FP 1
+        image([gt("open", B), gt("spur", C)], [det("open", B)], "i2"),  # open TP 1; spur FN 1
+        image([gt("copper", D)], [det("copper", FAR)], "i3"),  # copper FP 1, FN 1
+    ]
+    result = per_class_prf(images, iou_threshold=0.5)
+    classes = result["classes"]
+    assert classes["open"] == {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "tp": 2, "fp": 1, "fn": 0}
+    assert classes["spur"] == {"precision": None, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 1}
+    assert classes["copper"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 1, "fn": 1}
+    # Overall: TP 2, FP 2, FN 2 (P = R = 0.5, where tp - fp = 0).
+    assert result["overall"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "tp": 2, "fp": 2, "fn": 2}
+    assert result["iou_threshold"] == 0.5
+    # tp == fn: recall 1/2 (a tp - fn denominator would divide by zero).
+    half = per_class_prf([image([gt("open", A), gt("open", B)], [det("open", A)])])
+    assert half["classes"]["open"]["recall"] == 0.5

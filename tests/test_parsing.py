@@ -289,3 +289,89 @@ def test_never_raises_on_garbage():
             x1, y1, x2, y2 = o.bbox
             assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
             assert text[o.span[0]] == "{" and text[o.span[1] - 1] == "}"
+
+
+# --- Gaps found by mutation testing (make mutation) --------------------------------------------------------
+
+BAD = '{"label": "a]b\\\\\\"}", "bbox_2d": [1, 2, 3, 4], oops}'  # invalid: a bare word; "]", "}" and \" in a string
+EMPTY_KEY_BAD = '{"": "]", oops}'  # invalid, and its first string is empty
+
+MORE_CASES = [
+    # A complete last object, then the text ends: kept, and the cut-off list is counted.
+    ("complete_last_object", f"[{obj()}", [("open", PX)], {"truncated": 1}),
+    ("complete_last_object_comma", f"[{obj()},", [("open", PX)], {"truncated": 1}),
+    ("cut_inside_second", f'[{obj()}, {{"bbox_2d": [1, 2', [("open", PX)], {"truncated": 1}),
+    # Skipping invalid elements must respect strings (brackets and escaped quotes inside them).
+    ("invalid_then_valid", f"[{BAD}, {obj('short')}]", [("short", PX)], {"invalid_json": 1}),
+    ("empty_string_key", f"[{EMPTY_KEY_BAD}, {obj()}]", [("open", PX)], {"invalid_json": 1}),
+    ("two_invalid", f"[{BAD}, {BAD}, {obj()}]", [("open", PX)], {"invalid_json": 2}),
+    ("invalid_bare_object_then_valid", f"{BAD}{obj()}", [("open", PX)], {"invalid_json": 1, "no_list": 1}),
+    ("two_invalid_bare_objects", f"{BAD}{BAD}{obj()}", [("open", PX)], {"invalid_json": 2, "no_list": 1}),
+    ("two_missing_commas", f"[{obj()} {obj()} {obj()}]", [("open", PX)] * 3, {"invalid_json": 2}),
+    ("junk_inside_list", f"[{obj()} oops]", [("open", PX)], {"invalid_json": 1, "extra_text": 1}),
+    ("invalid_then_junk", f"[{BAD}, {obj()} oops]", [("open", PX)], {"invalid_json": 2, "extra_text": 1}),
+    ("only_invalid_object_in_list", "[{oops}]", [], {"invalid_json": 1}),
+    # A list that holds an object is the answer, even when a later element is not an object.
+    ("object_then_number", f"[{obj()}, 5]", [("open", PX)], {"not_an_object": 1}),
+    # Text right after the closing bracket is extra text.
+    ("empty_then_text", "[]!", [], {"extra_text": 1}),
+    ("trailing_comma_then_text", f"[{obj()},]!", [("open", PX)], {"extra_text": 1}),
+    ("list_then_text", f"[{obj()}]!", [("open", PX)], {"extra_text": 1}),
+    ("text_before_bare_object", f"Here: {obj()}", [("open", PX)], {"no_list": 1, "extra_text": 1}),
+    ("bare_objects_no_space", f"{obj()},{obj('spur')}", [("open", PX), ("spur", PX)], {"no_list": 1}),
+    # Counts add up over the objects of one answer.
+    ("two_not_objects", f"[{obj()}, 5, 6]", [("open", PX)], {"not_an_object": 2}),
+    (
+        "two_alt_keys_and_variants",
+        f"[{obj('Open', key='bbox')}, {obj('Short', key='box')}]",
+        [("open", PX), ("short", PX)],
+        {"alt_key": 2, "label_variant": 2},
+    ),
+    (
+        "two_bad_values_each_way",
+        f'[{{"bbox_2d": [1, 2, 3], "label": "open"}}, {{"bbox_2d": [1, 2, 3], "label": "open"}}, '
+        f'{{"bbox_2d": {BOX}, "label": 7}}, {{"bbox_2d": {BOX}, "label": 7}}, '
+        f'{{"bbox_2d": [1, 2, 3, "x"], "label": "open"}}, {{"bbox_2d": [1, 2, 3, null], "label": "open"}}]',
+        [],
+        {"bad_value": 6},
+    ),
+    (
+        "two_out_of_range_swapped_degenerate",
+        f"[{obj(box='[-5, 0, 100, 1200]')}, {obj(box='[0, -1, 100, 100]')}, "
+        f"{obj(box='[300, 400, 100, 200]')}, {obj(box='[300, 200, 100, 400]')}, "
+        f"{obj(box='[100, 200, 100, 400]')}, {obj(box='[100, 200, 300, 200]')}]",
+        [("open", (0, 0, 100, 500)), ("open", (0, 0, 100, 50)), ("open", PX), ("open", PX)],
+        {"out_of_range": 2, "swapped": 2, "degenerate": 2},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "objects", "problems"), [c[1:] for c in MORE_CASES], ids=[c[0] for c in MORE_CASES]
+)
+def test_more_messy_outputs(text, objects, problems):
+    result = parse_answer(text, W, H)
+    assert [(o.label, o.bbox) for o in result.objects] == [
+        (label, pytest.approx(box)) for label, box in objects
+    ]
+    assert dict(result.problems) == problems
+
+
+def test_problems_of_a_fresh_answer_count_once():
+    assert parse_answer("  ", W, H).problems == {"empty_output": 1}
+    assert parse_answer("no boxes", W, H).problems == {"no_json": 1}
+    assert parse_answer("x [1, 2] y", W, H).problems == {"not_an_object": 2, "extra_text": 1}
+    fenced = parse_answer(f"```json\n[{obj()}]\n```", W, H)
+    assert fenced.problems == {"code_fence": 1} and len(fenced.objects) == 1
+
+
+def test_plural_stripping_needs_a_known_singular():
+    assert canonical_label("glass") is None and canonical_label("s") is None
+    assert canonical_label("shorts") == "short"
+
+
+def test_mean_token_scores_takes_only_tokens_inside_the_span():
+    # Span [2, 5): the token [0, 2) ends where it starts and [5, 7) starts where it ends: neither counts.
+    assert mean_token_scores([(2, 5)], [(0, 2), (2, 5), (5, 7)], [0.1, 0.5, 0.9]) == [0.5]
+    with pytest.raises(ValueError, match="3 token offsets for 2 probabilities"):
+        mean_token_scores([(0, 1)], [(0, 1), (1, 2), (2, 3)], [0.5, 0.5])

@@ -160,6 +160,15 @@ def test_quantized_model_reloads_generates_and_stays_close(quantized, merged, cf
     assert {"merged", "quantized", "same_boxes"} <= set(report["agreement"]["per_sample"][0])
 
 
+def test_quantize_json_records_the_merge_it_was_made_from(quantized, merged):
+    merge = json.loads((merged / "merge.json").read_text())
+    report = json.loads((quantized / QUANTIZE_REPORT).read_text())
+    assert report["source"] == str(merged)
+    assert report["source_id"] == merge["id"] and merge["id"]
+    assert report["run"] == merge["run"] == "20260101-000000-0ddba11"
+    assert report["adapter_sha256"] == merge["adapter_sha256"] and len(merge["adapter_sha256"]) == 64
+
+
 @pytest.mark.parametrize("case", ["partial", "no config", "missing", "already quantized"])
 def test_bad_inputs_are_refused_in_one_line(case, cfg, merged, quantized, tmp_path, capsys, clean_env):
     if case == "partial":

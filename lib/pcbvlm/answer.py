@@ -17,8 +17,12 @@ REL_SCALE = 1000
 def to_relative(box: Sequence[float], width: int, height: int) -> list[int]:
     """Pixel box [x1, y1, x2, y2] -> integer 0-1000 box (Qwen3-VL's grounding coordinates)."""
     x1, y1, x2, y2 = box
-    scale = (REL_SCALE / width, REL_SCALE / height, REL_SCALE / width, REL_SCALE / height)
-    return [min(REL_SCALE, max(0, round(v * s))) for v, s in zip((x1, y1, x2, y2), scale, strict=True)]
+    scale_x, scale_y = REL_SCALE / width, REL_SCALE / height
+    return [_clamp(x1 * scale_x), _clamp(y1 * scale_y), _clamp(x2 * scale_x), _clamp(y2 * scale_y)]
+
+
+def _clamp(value: float) -> int:
+    return min(REL_SCALE, max(0, round(value)))
 
 
 def to_pixels(box: Sequence[float], width: int, height: int) -> list[float]:

@@ -6,10 +6,11 @@ Predictions (predictions.jsonl, one line per sample, boxes in pixels of the orig
 `score` defaults to 1.0; `raw`, `error` and `problems` are optional (`ParseResult.to_prediction` writes
 them all). Parse problems are counted from `problems`, or by parsing `raw` again when it is absent.
 
-`score_predictions` is the one scoring path: the job calls it for a predictions file and for the
-predictions a model just generated. It writes, in the output folder and each file atomically:
-overlays/worst_NN_<id>.png, pr_curve.png, report.md and, last, metrics.json (so a metrics.json means
-a finished evaluation). `write_comparison` puts two finished evaluations side by side.
+`compute_scores` is the one scoring path: the job calls it for a predictions file and for the
+predictions a model just generated, prints the metrics, then `write_scores` writes
+overlays/worst_NN_<id>.png, pr_curve.png, report.md and, last, metrics.json into the folder the job
+builds as `<out>.partial-<pid>` and renames when complete (`pcbvlm.io.atomic_directory`): a failed
+evaluation never leaves a folder that looks finished or mixes old and new files. `write_comparison` puts two finished evaluations side by side.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import math
 import reprlib
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pcbvlm.errors import DataError
 from pcbvlm.io import atomic_write_json, atomic_write_text, read_jsonl_lines
-from pcbvlm.metrics import EvalImage, evaluate_detections
+from pcbvlm.metrics import DetectionResult, EvalImage, evaluate_detections
 from pcbvlm.parsing import parse_answer
 from pcbvlm.report import SCORES_FROM_TOKENS, SCORES_NONE, compare_runs, write_report
 from pcbvlm.samples import DEFAULT_CLASSES, dataset_classes
@@ -185,17 +187,25 @@ def _parse_stats(
     return rate, dict(sorted(problems.items()))
 
 
-def score_predictions(
+@dataclass
+class Scores:
+    """What `compute_scores` found: the metrics (metrics.json) and what the report pictures need."""
+
+    metrics: dict[str, Any]
+    result: DetectionResult
+    images: list[EvalImage]
+    image_paths: dict[str, str]
+
+
+def compute_scores(
     predictions: Sequence[dict[str, Any]],
     samples: Sequence[dict[str, Any]],
-    out_dir: str | Path,
     *,
     images_per_s: float | None = None,
-    worst_n: int = 8,
     run: dict[str, Any] | None = None,
     source: str = "predictions",
-) -> dict[str, Any]:
-    """Score one prediction per sample, write the report files into out_dir, return the metrics.
+) -> Scores:
+    """Check and score one prediction per sample; nothing is written.
 
     `samples` are the split's samples (`load_scoring_samples`), `predictions` dicts as in predictions.jsonl;
     `run` describes what was evaluated for the report (model, data, split, config); `source` names the
@@ -233,11 +243,42 @@ def score_predictions(
         "parse_problems": problems,
         "images_per_s": images_per_s,
     }
+    return Scores(metrics, result, images, {s["id"]: s["image"] for s in samples})
+
+
+def write_scores(out_dir: str | Path, scores: Scores, worst_n: int = 8) -> None:
+    """The report files of `scores` in out_dir: pictures and report.md first, metrics.json last."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, metrics, result, images, {s["id"]: s["image"] for s in samples}, worst_n, run)
-    atomic_write_json(out_dir / METRICS_FILE, metrics)
-    return metrics
+    run = scores.metrics["run"]
+    write_report(out_dir, scores.metrics, scores.result, scores.images, scores.image_paths, worst_n, run)
+    atomic_write_json(out_dir / METRICS_FILE, scores.metrics)
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The headline numbers, one line (printed before any file is written)."""
+    dp, coco = metrics["deeppcb"], metrics["coco"]
+    map50 = "n/a" if coco["map50"] is None else f"{coco['map50']:.4f}"
+    return (
+        f"DeepPCB P {dp['precision']:.4f} R {dp['recall']:.4f} F {dp['fscore']:.4f} AP {dp['ap']:.4f}; "
+        f"COCO mAP@0.5 {map50}; parse failures {metrics['parse_failure_rate']:.2%}"
+    )
+
+
+def score_predictions(
+    predictions: Sequence[dict[str, Any]],
+    samples: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    images_per_s: float | None = None,
+    worst_n: int = 8,
+    run: dict[str, Any] | None = None,
+    source: str = "predictions",
+) -> dict[str, Any]:
+    """`compute_scores`, then `write_scores` into out_dir; returns the metrics."""
+    scores = compute_scores(predictions, samples, images_per_s=images_per_s, run=run, source=source)
+    write_scores(out_dir, scores, worst_n)
+    return scores.metrics
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:

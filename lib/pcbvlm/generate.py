@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ def resolve_model_ref(cfg: Config, ref: str | None) -> str:
 
     Shortcuts: `merged` / `quantized` are the folders the merge and quantize jobs write under
     paths.outputs_dir; `run` is the newest finished training run; `base` the configured base model;
-    `auto` (the default) the first that exists of quantized, merged, run, base. A runs folder stands
-    for its newest finished run.
+    `auto` (the default) the first of quantized, merged, run, base that was made from the newest
+    finished run (`pcbvlm.provenance.choose_auto`; printed on stderr as `model: ...`). A runs folder
+    stands for its newest finished run.
     """
     from pcbvlm.training import newest_finished_run
 
@@ -70,11 +72,15 @@ def resolve_model_ref(cfg: Config, ref: str | None) -> str:
             raise UserError(f"no finished training run under {runs_dir}; run `make train` first")
         return str(run)
     if ref == "auto":
-        for folder in (outputs / "quantized", outputs / "merged"):
-            if (folder / "config.json").is_file():
-                return str(folder)
-        run = newest_finished_run(Path(cfg.paths.runs_dir))
-        return str(run) if run is not None else cfg.model.name_or_path
+        # The newest consistent chain (pcbvlm.provenance): a quantized or merged model made from
+        # another run or merge is named in a warning and skipped, and the line says what was chosen.
+        from pcbvlm.provenance import choose_auto
+
+        choice = choose_auto(outputs, newest_finished_run(Path(cfg.paths.runs_dir)), cfg.model.name_or_path)
+        for warning in choice.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        print(choice.line, file=sys.stderr, flush=True)
+        return choice.path
     return ref
 
 

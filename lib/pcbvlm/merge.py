@@ -16,7 +16,7 @@ validation samples (the full training chat, batched by `TrainCollator`) are comp
 base + adapter. The comparison is `max |logit difference| / max |logit|` over every attended position;
 see `MERGE_TOLERANCE`. The folder is built as `<out>.partial-<pid>` and renamed when complete
 (`pcbvlm.io.atomic_directory`), with `merge.json` (adapter, base, dtype, differences, tolerance, time,
-size) inside it.
+size, and provenance: its id, the run and adapter hash it came from; `pcbvlm.provenance`) inside it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 from pcbvlm.config import Config
 from pcbvlm.errors import DataError, UserError
 from pcbvlm.io import PARTIAL_MARK, atomic_directory, atomic_write_json, is_partial
+from pcbvlm.provenance import merged_provenance
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,8 @@ def merge_adapter(
         report = result.report()
         report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         report["adapter_base"] = adapter_base
+        # Provenance (pcbvlm.provenance): this merge's id, the run and the adapter hash it was made from.
+        report.update(merged_provenance(adapter_dir))
         atomic_write_json(tmp / MERGE_REPORT, report)
     return result
 
@@ -474,6 +477,7 @@ def publish_full_model(cfg: Config, folder: Path, target: Path) -> MergeResult:
         )
         report = result.report()
         report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        report.update(merged_provenance(folder))  # this copy's id, the run and weights hash it came from
         atomic_write_json(tmp / MERGE_REPORT, report)
     return result
 

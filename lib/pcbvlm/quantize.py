@@ -45,6 +45,7 @@ from pcbvlm.merge import (
     save_processor,
     verification_samples,
 )
+from pcbvlm.provenance import quantized_provenance
 
 QUANTIZED_DIR = "quantized"
 QUANTIZE_REPORT = "quantize.json"
@@ -534,6 +535,8 @@ def quantize_model(
         )
         report = result.report()
         report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        # Provenance (pcbvlm.provenance): the merge id, run and adapter hash of the source folder.
+        report.update(quantized_provenance(source))
         atomic_write_json(tmp / QUANTIZE_REPORT, report)
     return result
 

@@ -36,6 +36,7 @@ import torch
 from pcbvlm.config import Config, write_resolved
 from pcbvlm.errors import DataError, DiskGuardStop, Interrupted, UserError
 from pcbvlm.io import atomic_directory, atomic_write_json
+from pcbvlm.provenance import write_adapter_provenance
 
 log = logging.getLogger(__name__)
 
@@ -1032,6 +1033,7 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     elif is_main:
         with atomic_directory(run_dir / ADAPTER_DIR, overwrite=True) as tmp:
             trainer.model.save_pretrained(tmp)
+            write_adapter_provenance(tmp, run_dir.name)  # run id + adapter hash, for merge and MODEL=auto
         result.adapter_dir = run_dir / ADAPTER_DIR
     state.wait_for_everyone()
 
@@ -1087,13 +1089,14 @@ def enable_full_training(model, cfg: Config) -> None:
 
 def save_full_model(model, processor, target: Path) -> Path:
     """The fine-tuned model of a full-parameter run as a complete model folder (weights, config, generation
-    config, tokenizer with chat template, image processor), published atomically."""
+    config, tokenizer with chat template, image processor, provenance), published atomically."""
     if "use_cache" in model.config.to_dict():
         model.config.use_cache = True  # switched off for training by load_base_model
     with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
+        write_adapter_provenance(tmp, target.parent.name)  # run id + weights hash, for merge and MODEL=auto
     return target
 
 

@@ -113,17 +113,21 @@ def class_counts(labels: Iterable[str], classes: Sequence[str]) -> dict[str, int
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file; DataError naming the file when it cannot be read.
+    """(width, height) of a fully decoded image; DataError naming the file when it cannot be read.
 
-    The one image check of every importer: make it stricter here (e.g. a full decode to catch truncated
-    JPEGs) and every format gets it.
+    The one image check of every importer. The header alone (Image.open) passes a truncated JPEG, which
+    then kills training mid-run; load() decodes every pixel (about 2-5 ms for a 640x640 board).
+    LOAD_TRUNCATED_IMAGES must stay off, or PIL pads the missing part with grey instead of raising.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images would pass unnoticed")
     try:
-        with Image.open(path) as img:  # reads the header only
+        with Image.open(path) as img:
+            img.load()
             return img.size
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
 
 

@@ -45,6 +45,11 @@ from pcbvlm.datasets.common import (
 from pcbvlm.errors import DataError
 from pcbvlm.labels import CLASS_NAMES, LABELS
 
+# DeepPCB pairs every test image with its defects: all 1500 annotation files list at least one box, so an
+# empty file is a lost or truncated annotation, not a defect-free board (the answer would teach "no defects").
+# Other formats (COCO, YOLO, VOC) treat an image without boxes as a valid defect-free board.
+EMPTY_ANNOTATION = "empty_annotation"
+
 SPLIT_FILES: dict[str, str] = {"trainval": "trainval.txt", "test": "test.txt"}
 _FIELD_SEP = re.compile(r"[,\s]+")
 
@@ -240,6 +245,15 @@ def convert(deeppcb_dir: str | Path, data_cfg: DataConfig, progress: bool = Fals
         # Parsed before the image is looked at, so that the box counts cover every annotation file.
         objects, sample_problems = parse_annotation(entry.annotation, sample_id=sid)
         box_counts[entry.split].update(obj["label"] for obj in objects)
+        if not objects and not sample_problems:
+            sample_problems = [
+                Problem(
+                    EMPTY_ANNOTATION,
+                    sid,
+                    f"{entry.annotation}: empty annotation file (every DeepPCB board has at least one defect; "
+                    f"listed at {entry.where})",
+                )
+            ]
         problems.extend(sample_problems)
 
         if sid in exclude:
