@@ -247,7 +247,7 @@ PIP_DOWNLOAD = $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip download --disable
 # The isolated build of deepspeed's sdist needs setuptools (the lock's version) and wheel.
 WHEEL_VERSION ?= 0.45.1
 
-wheelhouse: ## download every file of LOCK (+ setuptools/wheel, + torch from FIND_LINKS) into WHEELHOUSE_DIR
+wheelhouse: ## download every file of LOCK (this host's stack; CUDA_STACK=12|13) (+ setuptools/wheel, + torch from FIND_LINKS) into WHEELHOUSE_DIR
 	@mkdir -p $(WHEELHOUSE_DIR)
 	$(PIP_DOWNLOAD) --require-hashes $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -d $(WHEELHOUSE_DIR) -r $(LOCK)
 	$(PIP_DOWNLOAD) -d $(WHEELHOUSE_DIR) \

@@ -402,3 +402,21 @@ def test_no_stack_fits_stops_setup_with_the_reason(tmp_path, driver, args, messa
     out = _make_with_driver(tmp_path, driver, "setup", *args)
     assert message in out.stderr
     assert "error: no lock for this host" in out.stdout  # the recipe's first line: exit 2 before any install
+
+
+def test_check_images_builds_both_stacks_by_hand_not_in_ci():
+    out = _make_n("check-images")
+    assert 'STACKS="12 13" .ci/check-images' in out
+    assert 'STACKS="12" .ci/check-images' in _make_n("check-images", "STACKS=12")
+    script = (ROOT / ".ci" / "check-images").read_text()
+    for step in (
+        "make --no-print-directory wheelhouse",
+        "make --no-print-directory build",
+        "make test",
+        "make demo",
+    ):
+        assert step in script, step
+    assert "import torch, bitsandbytes, deepspeed, llmcompressor, liger_kernel" in script
+    assert "--network=none" in script and "--network none" in script  # the build and the checks run offline
+    ci = (ROOT / ".ci" / "run").read_text() + (ROOT / ".ci" / "docker-stage").read_text()
+    assert "check-images" not in ci  # several GB of wheels per stack: not in CI's time and disk
