@@ -345,7 +345,7 @@ def _check_driver(facts: Facts) -> Check:
         return Check(
             "cuda driver",
             "fail",
-            f"driver {branch} supports CUDA <= {top[0]}.{top[1]}, this environment needs {facts.torch_cuda}: "
+            f"driver {branch} supports CUDA <= {top[0]}.{top[1]}, this environment needs {facts.torch_cuda}; "
             f"installed: {installed}{reported}",
             fix
             if fix.startswith("NVIDIA driver")
