@@ -24,6 +24,9 @@ ENV_EXAMPLE = ROOT / ".env.example"
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
 # make's per-run arguments, passed through to the containers; documented in the README, not site settings.
 PER_RUN_VARS = {"CONFIG", "SET", "PYTEST_ARGS"}
+# What the Makefile derives from the CUDA stack and exports (compose reads them): under `make test` they are in
+# the tests' environment, with the values of the stack of that make run, so each `make -n` below starts without.
+STACK_VARS = ("CUDA_STACK", "STACK", "IMAGE_STACK", "LOCK", "CUDA_LOCK", "JOB_IMAGE", "CUDA_BASE_IMAGE")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +275,8 @@ def test_hadolint_passes():
 def _make_n(*args: str) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL")}
+    drop = ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL", *STACK_VARS)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(
         ["make", "-n", "--no-print-directory", *args],
         cwd=ROOT,
@@ -346,7 +350,7 @@ def _make_with_driver(tmp_path: Path, driver: str | None, *args: str) -> subproc
     body = f'echo "{driver}"' if driver else 'echo "NVIDIA-SMI has failed" >&2; exit 9'
     smi.write_text(f"#!/bin/sh\n{body}\n")
     smi.chmod(0o755)
-    drop = ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL", "PCBVLM_IN_IMAGE", "CUDA_STACK", "LOCK", "JOB_IMAGE")
+    drop = ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL", "PCBVLM_IN_IMAGE", *STACK_VARS)
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     return subprocess.run(
