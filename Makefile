@@ -105,8 +105,8 @@ define announce
 	@echo "==> $(1) [RUNNER=$(RUNNER) CONFIG=$(CONFIG)$(if $(SET), SET=\"$(SET)\")]"
 endef
 
-.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache demo test lint \
-        build build-cpu shell bench clean wheelhouse compose-dirs check-images
+.PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache learn demo test lint \
+        build build-cpu shell bench clean wheelhouse compose-dirs ui check-images
 
 help: ## list the targets
 	@echo "pcbvlm - fine-tune Qwen3-VL on DeepPCB. Usage: make <target> [CONFIG=...] [SET=\"k=v ...\"] [RUNNER=docker|local]"
@@ -142,22 +142,23 @@ lock: ## re-resolve requirements/*.in into the hashed locks (uv; needs PyPI)
 
 preflight: $(JOB_DEPS) ## check GPU, RAM, disk, packages against what JOB=train|merge|quantize|eval needs
 	$(call announce,preflight JOB=$(JOB))
-	$(JOBPY) jobs/preflight.py --job $(JOB)
+	$(JOBPY) jobs/preflight.py --job $(JOB) $(if $(PROFILE),--profile $(PROFILE))
 
 synth: $(JOB_DEPS) ## generate a synthetic DeepPCB-layout dataset (N=64 OUT=data/synth/DeepPCB)
 	$(call announce,synth)
 	$(JOBPY) jobs/synth_data.py --num $(or $(N),64) --out $(or $(OUT),data/synth/DeepPCB)
 
-data: $(JOB_DEPS) ## convert DeepPCB (DEEPPCB_DIR=...) to Qwen3-VL grounding jsonl (DATA_DIR=...)
+data: $(JOB_DEPS) ## convert FORMAT=deeppcb|coco|yolo|voc SRC=... (DeepPCB: DEEPPCB_DIR=...) to grounding jsonl (DATA_DIR=...)
 	$(call announce,data)
-	$(JOBPY) jobs/prepare_data.py $(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)) \
+	$(JOBPY) jobs/prepare_data.py $(if $(FORMAT),--format $(FORMAT)) \
+	    $(if $(SRC),--src $(SRC),$(if $(filter deeppcb,$(or $(FORMAT),deeppcb)),$(if $(DEEPPCB_DIR),--deeppcb-dir $(DEEPPCB_DIR)))) \
 	    $(if $(DATA_DIR),--out $(DATA_DIR)) $(if $(STRICT),--strict)
 
-train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no); runs preflight first
+# pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
+train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several GPUs); runs preflight first
 	@$(MAKE) preflight JOB=train
 	$(call announce,train)
-	$(RUN_JOB)accelerate launch --config_file config/accelerate/$(or $(PROFILE),$(shell $(JOBPY) -m pcbvlm.config get train.accelerate_profile)).yaml \
-	    jobs/train.py $(if $(RESUME),--resume $(RESUME))
+	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(PROFILE)) $(if $(RESUME),--resume $(RESUME))
 
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base
 	@$(MAKE) preflight JOB=merge
@@ -183,6 +184,21 @@ infer: $(JOB_DEPS) ## find defects on IMAGE=path [TEMPLATE=path] [OUT=overlay.pn
 	$(JOBPY) jobs/infer.py --image $(IMAGE) $(if $(TEMPLATE),--template $(TEMPLATE)) \
 	    $(if $(OUT),--out $(OUT)) $(if $(MODEL),--model $(MODEL))
 
+# The web page binds to 127.0.0.1 unless HOST is given on the command line (HOST=0.0.0.0 on a rented machine's
+# exposed port); a HOST in the environment (some shells set one) is not taken. UI_HOST / UI_PORT in .env set defaults.
+UI_BIND_HOST := $(if $(filter command line,$(origin HOST)),$(HOST),$(or $(UI_HOST),127.0.0.1))
+UI_BIND_PORT := $(if $(filter command line,$(origin PORT)),$(PORT),$(or $(UI_PORT),7860))
+
+ui: $(JOB_DEPS) ## web page: inspect a board, browse evaluations [MODEL=... PORT=7860 HOST=127.0.0.1 EVALS=dir]
+	$(call announce,ui on http://$(UI_BIND_HOST):$(UI_BIND_PORT))
+ifeq ($(RUNNER),docker)
+	UI_HOST=$(UI_BIND_HOST) UI_PORT=$(UI_BIND_PORT) $(COMPOSE) run --rm --service-ports $(DOCKER_TTY) $(DOCKER_RUN_ARGS) ui \
+	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(MODEL)) $(if $(EVALS),--evals $(EVALS))
+else
+	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(MODEL)) \
+	    $(if $(EVALS),--evals $(EVALS))
+endif
+
 clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview; DELETE=path for a final model)
 	$(call announce,clean-cache)
 	$(JOBPY) jobs/clean_cache.py $(if $(DRY_RUN),--dry-run) $(if $(PATTERN),--pattern $(PATTERN)) \
@@ -191,6 +207,10 @@ clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoin
 bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): training and inference
 	$(call announce,bench)
 	$(JOBPY) jobs/bench.py
+
+learn: $(JOB_DEPS) ## GPU: a small Qwen3-VL from scratch on fresh synthetic boards, held-out curve (LEARN_ARGS="--size demo")
+	$(call announce,learn)
+	$(JOBPY) jobs/learn.py $(LEARN_ARGS)
 
 demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic data, CPU only
 	$(JOBPY) jobs/demo.py

@@ -1,15 +1,21 @@
 """The whole pipeline on the embedded tiny model and synthetic boards, on the CPU, in a few minutes:
 
     synth -> data -> train -> merge -> quantize -> eval (merged and quantized, side by side)
+    then the memorisation check: synth -> data -> train (full) -> eval on the same boards
 
 Each stage runs the same job a user runs (`jobs/<job>.py`, training through `accelerate launch`) with
 `config/tiny.yaml`; the demo stops at the first stage that fails and prints where everything went.
-The tiny model is random and trained for seconds: its answers are not expected to find defects; the demo
-shows that every stage runs and what each writes.
+The tiny model is random and LoRA-trained for seconds: on the held-out test boards its answers are not
+expected to find defects. The last stages (`config/memorise.yaml`) train the tiny model with all its
+parameters until it has memorised 4 non-square boards and evaluate it on those same boards: non-zero
+(normally perfect) scores there show that boxes travel correctly through training, generation, parsing,
+pixel mapping and scoring. They are memorised boards, not held out: no small model trained here detects
+defects on new boards yet (BENCHMARKS.md, "Learning run").
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -19,6 +25,19 @@ from pathlib import Path
 from pcbvlm.cli import config_from_args, make_parser, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
+# The memorised boards: non-square (width != height catches a swapped or wrong size in the pixel mapping).
+MEMORISE_BOARDS = [
+    "--width",
+    "256",
+    "--height",
+    "160",
+    "--scale",
+    "0.8",
+    "--max-defects",
+    "2",
+    "--order",
+    "reading",
+]
 
 
 def main(argv=None) -> int:
@@ -94,6 +113,27 @@ def main(argv=None) -> int:
             ],
         ),
     ]
+    memorise_cfg = str(ROOT / "config" / "memorise.yaml")
+    memorise = ["--config", memorise_cfg, *[f"--set={o}" for o in overrides]]
+    memorised = config_from_args(argparse.Namespace(config=memorise_cfg, overrides=args.overrides))
+    memorised_eval = Path(memorised.paths.outputs_dir) / "eval"
+    stages += [
+        (
+            "synth (memorise)",
+            [py, "jobs/synth_data.py", *memorise, "--num", "6", "--seed", "11", "--out"]
+            + [str(memorised.paths.deeppcb_dir), *MEMORISE_BOARDS],
+        ),
+        ("data (memorise)", [py, "jobs/prepare_data.py", *memorise]),
+        (
+            "train full (memorise)",
+            [py, "-m", "accelerate.commands.launch", "--config_file", "config/accelerate/cpu.yaml"]
+            + ["jobs/train.py", *memorise],
+        ),
+        (
+            "eval memorised boards",
+            [py, "jobs/evaluate.py", *memorise, "--model", "run", "--out", str(memorised_eval)],
+        ),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("SET", None)  # already applied through --set, and jobs would apply it twice
     timings: list[tuple[str, str, float]] = []
@@ -112,7 +152,33 @@ def main(argv=None) -> int:
             return code
     report = outputs / "eval" / "quantized" / "report.md"
     _summary(console, Table, timings, report if report.is_file() else None)
+    _scores(console, outputs / "eval" / "quantized", memorised_eval)
     return 0
+
+
+def _scores(console, held_out: Path, memorised: Path) -> None:
+    """What the two evaluations mean, side by side, labelled by which boards they ran on."""
+    import json
+
+    for folder, what in (
+        (held_out, "tiny model (random base, LoRA, seconds of training), held-out synthetic test boards"),
+        (
+            memorised,
+            "tiny model trained in full on 4 boards, evaluated on those same boards (MEMORISED, not held out)",
+        ),
+    ):
+        path = folder / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        d = metrics["deeppcb"]
+        console.print(
+            f"{what}: DeepPCB P {d['precision']:.3f} R {d['recall']:.3f} F {d['fscore']:.3f} "
+            f"({d['correct']} of {d['gt_boxes']} boxes, {d['detections']} detections; report {folder / 'report.md'})"
+        )
+    console.print(
+        "These are small synthetic-board models, not the 32B; no small model here detects defects on new boards yet."
+    )
 
 
 def _summary(console, table_class, timings, report) -> None:

@@ -37,20 +37,22 @@ def main(argv=None) -> int:
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: not a readable image ({err})") from None
 
-    from pcbvlm.deeppcb import build_messages
     from pcbvlm.generate import generate_batch, load_for_inference, resolve_model_ref, to_prediction
     from pcbvlm.report import draw_overlay, save_png
+    from pcbvlm.samples import build_messages, dataset_classes
 
     width, height = sizes["image"]
     sample = {
         "id": args.image.stem,
         "image": str(args.image),
         "template": str(args.template) if args.template else None,
+        # The classes the model was trained on: those of the converted data (prompt and parsing).
+        "classes": list(dataset_classes(cfg.paths.data_dir)),
     }
     loaded = load_for_inference(cfg, resolve_model_ref(cfg, args.model))
     messages = build_messages(sample, cfg.data, with_answer=False)
     text, offsets, probs = generate_batch(loaded, [messages], cfg.eval.max_new_tokens)[0]
-    prediction = to_prediction(text, offsets, probs, sample["id"], width, height)
+    prediction = to_prediction(text, offsets, probs, sample["id"], width, height, sample["classes"])
     out = args.out or args.image.with_name(f"{args.image.stem}.pred.png")
     save_png(draw_overlay(args.image, prediction["objects"]), out)
     result = {

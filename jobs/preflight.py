@@ -74,8 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--facts", type=Path, help="JSON file of facts that replace measured ones")
     parser.add_argument("--out", type=Path, help="report path (default: <outputs_dir>/preflight/<job>.json)")
+    parser.add_argument(
+        "--profile",
+        default=os.environ.get("PROFILE") or None,
+        help="accelerate profile the job will use (default: $PROFILE or train.accelerate_profile)",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    if args.profile:  # make train PROFILE=...: check and estimate what will be launched
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"accelerate_profile": args.profile})}
+        )
 
     overlay = load_facts_file(args.facts) if args.facts else {}
     _validate(overlay, args.facts)  # before measuring, which takes seconds

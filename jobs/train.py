@@ -1,7 +1,8 @@
 """Fine-tune Qwen3-VL with QLoRA on the converted DeepPCB data.
 
-make train [RESUME=auto|no|path] [CONFIG=...] [SET="train.lr=5e-5"]
-accelerate launch --config_file config/accelerate/a800.yaml jobs/train.py [--resume auto]
+make train [RESUME=auto|no|path] [CONFIG=...] [SET="train.lr=5e-5"] [PROFILE=ddp]
+= python -m pcbvlm.launch, which runs `accelerate launch --config_file config/accelerate/<profile>.yaml
+jobs/train.py [--resume auto]` with the profile the resolved config (or PROFILE) names
 """
 
 from __future__ import annotations

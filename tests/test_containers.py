@@ -68,7 +68,7 @@ def test_compose_config_is_valid():
         pytest.skip("the docker CLI is not installed")
     if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("the docker compose plugin is not installed (`docker compose version` fails)")
-    for extra in ([], ["--profile", "serve"]):
+    for extra in ([], ["--profile", "serve"], ["--profile", "ui"]):
         out = subprocess.run(
             [docker, "compose", *extra, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
@@ -93,8 +93,8 @@ def test_gpu_services_reserve_nvidia_gpus_with_host_ipc_and_ulimits(compose):
 
 def test_services_users_profiles_and_commands(compose):
     services = compose["services"]
-    assert set(services) == {"job", "test", "vllm"}
-    job, test, vllm = services["job"], services["test"], services["vllm"]
+    assert set(services) == {"job", "test", "vllm", "ui"}
+    job, test, vllm, ui = services["job"], services["test"], services["vllm"], services["ui"]
     # files written into the volumes belong to the host user
     for svc in (job, vllm):
         assert svc["user"] == "${UID:-1000}:${GID:-1000}"
@@ -108,8 +108,13 @@ def test_services_users_profiles_and_commands(compose):
     # tests: CPU image, no GPU, offline, `make test` inside
     assert "deploy" not in test and test["network_mode"] == "none"
     assert test["command"] == ["make", "test"] and test["environment"]["HF_HUB_OFFLINE"] == "1"
-    # profiles: only vllm is optional
+    # profiles: only vllm and ui are optional
     assert "profiles" not in job and "profiles" not in test and vllm["profiles"] == ["serve"]
+    assert ui["profiles"] == ["ui"]
+    # the web page: the job service with its port published on 127.0.0.1 unless UI_HOST says otherwise
+    assert ui["extends"] == {"service": "job"}
+    assert ui["ports"] == ["${UI_HOST:-127.0.0.1}:${UI_PORT:-7860}:7860"]
+    assert ui["command"][:2] == ["python", "jobs/ui.py"] and "0.0.0.0" in ui["command"]
     # vllm serves the quantized folder as "pcbvlm", from a pinned image
     image = vllm["image"]
     assert image.startswith("${VLLM_IMAGE:-vllm/vllm-openai:v") and not image.endswith(":latest}")

@@ -25,6 +25,8 @@ from pcbvlm.deeppcb import (
     read_split_file,
 )
 from pcbvlm.errors import DataError
+from pcbvlm.labels import LABELS
+from pcbvlm.samples import render_prompt
 from pcbvlm.synth import generate_dataset
 
 # Measured on the full DeepPCB set (the shared copy's README).
@@ -182,7 +184,10 @@ def test_build_messages_test_image_only():
     assert messages == [
         {
             "role": "user",
-            "content": [{"type": "image", "image": "/data/1_test.jpg"}, {"type": "text", "text": cfg.prompt}],
+            "content": [
+                {"type": "image", "image": "/data/1_test.jpg"},
+                {"type": "text", "text": render_prompt(cfg.prompt, LABELS)},
+            ],
         },
         {
             "role": "assistant",
@@ -199,7 +204,7 @@ def test_build_messages_with_template_first():
     assert user[0]["content"] == [
         {"type": "image", "image": "/data/1_temp.jpg"},
         {"type": "image", "image": "/data/1_test.jpg"},
-        {"type": "text", "text": cfg.template_prompt},
+        {"type": "text", "text": render_prompt(cfg.template_prompt, LABELS)},
     ]
     with pytest.raises(DataError, match="with_template is true but no template"):
         build_messages({**_sample(), "template": None}, cfg)
@@ -483,7 +488,7 @@ def test_with_template_puts_template_first_in_written_messages(synth_layout, tmp
     row = load_samples(tmp_path / "o", "test")[0]
     assert row["messages"][0]["content"][0] == {"type": "image", "image": row["template"]}
     assert row["messages"][0]["content"][1] == {"type": "image", "image": row["image"]}
-    assert row["messages"][0]["content"][2]["text"] == cfg.data.template_prompt
+    assert row["messages"][0]["content"][2]["text"] == render_prompt(cfg.data.template_prompt, LABELS)
     assert conversion.stats()["settings"]["with_template"] is True
 
 

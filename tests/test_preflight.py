@@ -729,3 +729,64 @@ def test_job_bad_facts_file_is_one_line(clean_env, tmp_path, content, message, c
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert message in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Several GPUs: the accelerate profile and the per-GPU estimate
+
+
+def _with_profile(cfg: Config, profile: str) -> Config:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"accelerate_profile": profile})})
+
+
+def _profile_check(cfg: Config, facts: Facts):
+    return next(c for c in run_checks(cfg, "train", facts).checks if c.name == "accelerate profile")
+
+
+def test_profile_check_counts_processes_against_gpus_and_refuses_zero3_with_qlora(cfg):
+    two_gpus = healthy(gpus=[a800(), a800()])
+    assert _profile_check(cfg, two_gpus).status == "pass"  # a800: one process
+    ddp = _profile_check(_with_profile(cfg, "ddp"), two_gpus)
+    assert (ddp.status, ddp.detail) == ("pass", "ddp: 2 processes, DDP")
+    assert (
+        _profile_check(_with_profile(cfg, "zero2"), two_gpus).detail == "zero2: 2 processes, DeepSpeed ZeRO-2"
+    )
+    short = _profile_check(_with_profile(cfg, "zero2"), healthy())
+    assert short.status == "fail" and short.detail.endswith("but this host has 1 GPU")
+    zero3 = _profile_check(_with_profile(cfg, "zero3"), two_gpus)
+    assert zero3.status == "fail" and "ZeRO-3 with QLoRA" in zero3.detail and "zero2" in zero3.remedy
+    lora = cfg.model_copy(update={"train": cfg.train.model_copy(update={"quantization": "none"})})
+    assert _profile_check(_with_profile(lora, "zero3"), two_gpus).status == "pass"
+    unknown = _profile_check(_with_profile(cfg, "zero9"), two_gpus)
+    assert (
+        unknown.status == "fail"
+        and "choose one of: a800, cpu, cpu-multi, ddp, zero2, zero3" in unknown.detail
+    )
+
+
+@pytest.mark.parametrize(
+    "profile, measured",
+    [
+        ("a800", 65.67),  # 1 GPU (bench/results/2026-11-29-NVIDIA-H200-x2-ddp.json, single_gpu)
+        ("ddp", 69.67),  # 2 GPUs, same file
+    ],
+)
+def test_per_gpu_estimate_of_each_profile_within_15_percent_of_the_measured_peak(cfg, profile, measured):
+    """The configured setting (micro-batch 16, Liger, 10 uncheckpointed layers), 718-token samples."""
+    estimate = estimate_train_vram(
+        SHAPE, _with_profile(cfg, profile), seq_len=718, logit_tokens=231, fused_cross_entropy=True
+    )
+    assert abs(estimate.total_gib / measured - 1) <= 0.15, (estimate.total_gib, measured)
+
+
+def test_sharding_lowers_the_per_gpu_estimate(cfg):
+    per_gpu = {
+        p: estimate_train_vram(SHAPE, _with_profile(cfg, p), fused_cross_entropy=True).total_gib
+        for p in ("a800", "ddp", "zero2")
+    }
+    assert per_gpu["zero2"] <= per_gpu["a800"] < per_gpu["ddp"]
+    lora = cfg.model_copy(update={"train": cfg.train.model_copy(update={"quantization": "none"})})
+    zero2 = estimate_train_vram(SHAPE, _with_profile(lora, "zero2"), fused_cross_entropy=False)
+    zero3 = estimate_train_vram(SHAPE, _with_profile(lora, "zero3"), fused_cross_entropy=False)
+    assert zero3.total_gib < zero2.total_gib - 25  # a bf16 32B base is 62 GiB: half of it per GPU
+    assert "per GPU (zero3, 2 processes)" in zero3.what

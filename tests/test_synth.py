@@ -169,3 +169,43 @@ def test_job_bad_arguments_exit_2_in_one_line(args, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_non_square_boards_with_fewer_defects_in_reading_order():
+    from pcbvlm.synth import Board
+
+    board = Board(256, 160, scale=0.8, max_defects=2, order="reading")
+    counts = set()
+    for index in range(12):
+        sample = generate_sample(index, seed=4, board=board)
+        assert sample.test.size == sample.template.size == (256, 160)
+        boxes = [obj["bbox"] for obj in sample.objects]
+        counts.add(len(boxes))
+        assert all(0 <= x1 < x2 <= 256 and 0 <= y1 < y2 <= 160 for x1, y1, x2, y2 in boxes), boxes
+        assert boxes == sorted(boxes, key=lambda b: (b[1], b[0]))
+        # Every box covers a real difference between the two images.
+        diff = np.asarray(sample.test, dtype=int) - np.asarray(sample.template, dtype=int)
+        for x1, y1, x2, y2 in boxes:
+            assert np.abs(diff[y1:y2, x1:x2]).max() > 100
+    assert counts == {1, 2}
+    # The default board is DeepPCB's: the same sample as without one.
+    assert (
+        generate_sample(5, seed=2, size=256).objects
+        == generate_sample(5, seed=2, board=Board(256, 256)).objects
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"width": 100}, "board 100x640: each side must be at least 128 px"),
+        ({"max_defects": 0}, "max_defects 0: must be between 1 and 6"),
+        ({"order": "random"}, "order 'random': must be drawn or reading"),
+        ({"scale": 9.0}, "board scale 9.0: must be between 0.1 and 4"),
+    ],
+)
+def test_bad_board_options(kwargs, message):
+    from pcbvlm.synth import Board
+
+    with pytest.raises(DataError, match=message):
+        Board(**kwargs)

@@ -201,13 +201,17 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
 def test_disk_guard_saves_stops_with_exit_3_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path):
     runs = tmp_path / "runs"
     steps = dict(max_steps=4, save_steps=100, eval_steps=100)
-    stopped = run_job(
-        "train.py",
+    # Through the launcher (make train): PROFILE=cpu wins over the config's cpu-multi, and exit 3 survives.
+    stopped = _launch(
         "--config",
         str(TINY),
         *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, disk_reserve_gb=1e9, **steps),
+        env={"SET": "train.accelerate_profile=cpu-multi", "PROFILE": "cpu"},
     )
     assert stopped.returncode == EXIT_DISK_GUARD, stopped.stderr[-3000:]
+    assert "==> accelerate profile cpu " in stopped.stdout
+    assert "training on 1 process (CPU, single process)" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]
     assert last.startswith("error: free space on the checkpoint volume")
     assert "below train.disk_reserve_gb=1e+09: saved checkpoint-1 at step 1 and stopped" in last
@@ -239,35 +243,96 @@ def test_resume_no_starts_a_new_run_and_auto_ignores_other_configs(tiny_model_di
     assert plan_run(cfg, "abc", "no").resume_from is None
 
 
-def test_multi_process_training_on_cpu_with_gloo(tiny_model_dir, tiny_data_dir, tmp_path):
-    runs = tmp_path / "runs"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "config" / "accelerate" / "cpu-multi.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29561",
-        str(ROOT / "jobs" / "train.py"),
+def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pcbvlm.launch` (what `make train` runs), without the caller's CONFIG/SET/PROFILE."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SET", "CONFIG", "PROFILE", "RESUME")}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "pcbvlm.launch", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """The profile named by SET reaches accelerate (2 processes), and 2 processes x micro-batch 2 train
+    the same model as 1 process x micro-batch 4: same samples per step (accelerate shards one sampler's
+    batches across ranks, and the loss is averaged over the tokens of all ranks), so the same adapter and
+    loss, within float rounding (sums taken in another order): rtol 1e-3."""
+    # 2 full steps of 4 samples (a last, partial batch would be padded with repeated samples on 2 ranks).
+    steps = dict(max_steps=2, save_steps=2, eval_steps=100, group_by_length="false")
+    one = _launch(
         "--config",
         str(TINY),
-        *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, max_steps=3, save_steps=3, eval_steps=100),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("SET", "CONFIG")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = _single_run(runs)
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "one", micro_batch=4, **steps),
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "training on 1 process (CPU, single process)" in one.stdout
+    two = _launch(
+        "--config",
+        str(TINY),
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "two", micro_batch=2, **steps),
+        env={"SET": "train.accelerate_profile=cpu-multi"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "==> accelerate profile cpu-multi" in two.stdout
+    assert "training on 2 processes (CPU, DDP, gloo)" in two.stdout
+    run_dir = _single_run(tmp_path / "two")
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
+    assert manifest["world_size"] == 2 and manifest["launch"]["processes"] == 2
     assert manifest["status"] == "finished"
-    assert (run_dir / ADAPTER_DIR / "adapter_model.safetensors").is_file()
-    # Two processes x micro-batch 2 = 4 samples per optimizer step.
-    state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
     assert state["num_input_tokens_seen"] > 0
+
+    one_run = _single_run(tmp_path / "one")
+    losses = [
+        [
+            json.loads(line)["loss"]
+            for line in (r / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line
+        ]
+        for r in (one_run, run_dir)
+    ]
+    assert len(losses[0]) == len(losses[1]) == 2
+    for single, multi in zip(*losses, strict=True):
+        assert multi == pytest.approx(single, rel=1e-3)
+    adapter_one, adapter_two = _adapter(one_run), _adapter(run_dir)
+    for key in adapter_one:
+        torch.testing.assert_close(adapter_two[key], adapter_one[key], rtol=1e-3, atol=1e-5)
+
+
+def test_the_launcher_returns_the_jobs_exit_code_without_a_traceback(tmp_path):
+    """Bad input in every one of 2 processes: exit 2 and the job's own error line, no launcher traceback."""
+    proc = _launch(
+        "--config",
+        str(TINY),
+        "--profile",
+        "cpu-multi",
+        "--set",
+        f"paths.data_dir={tmp_path / 'missing'}",
+        "--set",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert str(tmp_path / "missing") in proc.stderr
+
+
+def test_an_unknown_profile_is_a_one_line_error(tmp_path):
+    proc = _launch("--config", str(TINY), "--set", "train.accelerate_profile=zero9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: train.accelerate_profile: no profile 'zero9' "
+        f"({ROOT / 'config' / 'accelerate' / 'zero9.yaml'} does not exist); choose one of: "
+        "a800, cpu, cpu-multi, ddp, zero2, zero3"
+    ]
 
 
 def test_answer_only_logits_give_the_same_loss_and_gradients(cfg, processor, tiny_data_dir):
@@ -296,3 +361,18 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(cfg, processor, tin
     torch.testing.assert_close(
         model(**sliced, num_items_in_batch=n).loss, model(**batch, num_items_in_batch=n).loss
     )
+
+
+def test_deepspeed_configs_leave_no_size_to_guess_from_the_model_config():
+    """accelerate fills these `auto` values from `model.config.hidden_size`, which Qwen3-VL's config does
+    not have (it is `text_config.hidden_size`): on 2 H200s `accelerator.prepare` failed on them."""
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    assert not hasattr(qwen3_vl_32b_config(), "hidden_size")
+    for stage in (2, 3):
+        zero = json.loads((ROOT / "config" / "deepspeed" / f"zero{stage}.json").read_text())[
+            "zero_optimization"
+        ]
+        assert zero["stage"] == stage
+        sized = ["reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"]
+        assert all(isinstance(zero[key], int) for key in sized if key in zero), zero

@@ -57,16 +57,30 @@ class Setting:
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    """Peak GPU memory since the last reset (None on the CPU smoke run)."""
+    return gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
 def gib(n: float) -> float:
     return round(n / 2**30, 2)
 
 
-def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
+def quantize_language_model_nf4(
+    model, compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8
+) -> int:
     """Replace the decoder linears of `model.model.language_model` by bitsandbytes NF4 layers (double
-    quantization, the settings of `pcbvlm.modeling.bnb_config`), one at a time; returns how many."""
+    quantization, the settings of `pcbvlm.modeling.bnb_config`), one at a time; returns how many.
+    `quant_storage=torch.bfloat16` packs the 4-bit values into bf16 elements (what ZeRO-3 needs)."""
     import bitsandbytes as bnb
 
     count = 0
@@ -83,11 +97,15 @@ def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
                 compute_dtype=compute_dtype,
                 compress_statistics=True,
                 quant_type="nf4",
-                quant_storage=torch.uint8,
+                quant_storage=quant_storage,
                 device="meta",
             )
             layer.weight = bnb.nn.Params4bit(
-                weight.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
+                weight.to("cpu"),
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=quant_storage,
             ).to(weight.device)
             setattr(module, child_name, layer)
             del weight, child
@@ -98,19 +116,25 @@ def quantize_language_model_nf4(model, compute_dtype: torch.dtype) -> int:
     return count
 
 
-def build_random_model(config, dtype: torch.dtype = torch.bfloat16, quantize: bool = True):
+def build_random_model(
+    config,
+    dtype: torch.dtype = torch.bfloat16,
+    quantize: bool = True,
+    device: str | torch.device = "cuda",
+    quant_storage: torch.dtype = torch.uint8,
+):
     from transformers import Qwen3VLForConditionalGeneration
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = Qwen3VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     model.config.use_cache = False
     if quantize:
-        quantize_language_model_nf4(model, dtype)
+        quantize_language_model_nf4(model, dtype, quant_storage)
     return model
 
 
@@ -129,8 +153,8 @@ def benchmark_sample(workdir: Path, cfg, boxes: int = 7) -> dict[str, Any]:
     """A DeepPCB-like training sample: a synthetic 640x640 board and an answer with `boxes` boxes."""
     import numpy as np
 
-    from pcbvlm.deeppcb import build_messages
     from pcbvlm.labels import LABELS
+    from pcbvlm.samples import build_messages
     from pcbvlm.synth import generate_sample
 
     synth = generate_sample(0, seed=0)
@@ -178,17 +202,18 @@ class FusedKernels:
 
     names = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision", "Qwen3VLTextRMSNorm")
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, fused_cross_entropy: bool = True) -> None:
         from transformers.models.qwen3_vl import modeling_qwen3_vl
 
         self.model = model
+        self.fused_cross_entropy = fused_cross_entropy
         self.module = modeling_qwen3_vl
         self.saved = {name: getattr(modeling_qwen3_vl, name) for name in self.names}
 
     def __enter__(self):
         from pcbvlm.modeling import apply_fused_kernels
 
-        apply_fused_kernels(self.model)
+        apply_fused_kernels(self.model, fused_cross_entropy=self.fused_cross_entropy)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -355,46 +380,86 @@ def time_generation(
     new_tokens: int,
     log: Callable[[str], None],
     cache: str | None = None,
+    kind: str = "nf4 (random weights)",
+    prompt_lookup: int = 0,
 ):
     """Seconds per image of greedy generation of exactly `new_tokens` tokens; `cache="static"` uses a
-    static KV cache, with which transformers compiles the decoding step (CUDA graphs)."""
+    static KV cache, with which transformers compiles the decoding step (CUDA graphs); `prompt_lookup`
+    drafts that many tokens per step (batch 1, dynamic cache; with random weights the drafts are
+    accepted at random, so `forward_passes` says how many steps it took)."""
     from pcbvlm.generate import LoadedModel, generate_batch
 
     model.eval()
     model.config.use_cache = True
     processor.tokenizer.padding_side = "left"
-    loaded = LoadedModel(model, processor, "nf4 (random weights)", "bench")
+    loaded = LoadedModel(model, processor, kind, "bench")
     messages = [m for m in [sample["messages"][:-1]] * batch_size]
-    torch.cuda.reset_peak_memory_stats()
-    result: dict[str, Any] = {"batch_size": batch_size, "new_tokens": new_tokens, "cache": cache or "dynamic"}
+    _reset_peak()
+    result: dict[str, Any] = {
+        "model": kind,
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "cache": cache or "dynamic",
+    }
+    if prompt_lookup:
+        result["prompt_lookup_tokens"] = prompt_lookup
+    passes: list[int] = []
+    # Forward passes, counted on the eager paths only (a hook inside a compiled step would be traced).
+    counter = model.register_forward_pre_hook(lambda *_: passes.append(1)) if not cache else None
     try:
         # Warm-up: kernels and, with a static cache, the compilation (same batch shape and length).
         begin = time.perf_counter()
         warm = messages if cache else messages[:1]
-        generate_batch(loaded, warm, new_tokens if cache else 4, min_new_tokens=4, cache_implementation=cache)
+        generate_batch(
+            loaded,
+            warm,
+            new_tokens if cache else 4,
+            min_new_tokens=4,
+            cache_implementation=cache,
+            prompt_lookup_tokens=prompt_lookup,
+        )
         _sync()
         result["warmup_s"] = round(time.perf_counter() - begin, 1)
+        passes.clear()
         begin = time.perf_counter()
         outputs = generate_batch(
-            loaded, messages, new_tokens, min_new_tokens=new_tokens, cache_implementation=cache
+            loaded,
+            messages,
+            new_tokens,
+            min_new_tokens=new_tokens,
+            cache_implementation=cache,
+            prompt_lookup_tokens=prompt_lookup,
         )
         _sync()
         seconds = time.perf_counter() - begin
         generated = len(outputs[0][2])
+        timed_passes = len(passes)
+        if batch_size == 1:
+            # The prompt's share: the same call with one new token (prefill + one step).
+            begin = time.perf_counter()
+            generate_batch(loaded, messages, 1, min_new_tokens=1, cache_implementation=cache)
+            _sync()
+            result["prefill_s"] = round(time.perf_counter() - begin, 3)
+        if counter is not None:
+            result["forward_passes"] = timed_passes
+            result["ms_per_forward_pass"] = round(1000 * seconds / max(timed_passes, 1), 2)
         result.update(
             status="ok",
             generated_tokens=generated,
             s_per_image=round(seconds / batch_size, 4),
             ms_per_token_step=round(1000 * seconds / max(generated, 1), 2),
-            peak_gib=gib(torch.cuda.max_memory_allocated()),
+            peak_gib=_peak_gib(),
         )
     except torch.OutOfMemoryError:
-        result.update(status="out of memory under the cap", peak_gib=gib(torch.cuda.max_memory_allocated()))
+        result.update(status="out of memory under the cap", peak_gib=_peak_gib())
     except Exception as exc:  # e.g. compilation failing with a static cache: record it, go on
         result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:300]}")
         log(traceback.format_exc(limit=12))
-    torch.cuda.empty_cache()
-    log(f"generate batch {batch_size} ({result['cache']} cache): {result}")
+    if counter is not None:
+        counter.remove()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log(f"generate {kind} batch {batch_size} ({result['cache']} cache): {result}")
     return result
 
 
@@ -516,6 +581,21 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
     result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)
 
 
+def benchmark_model_config(tok, layers: int | None = None, **overrides):
+    """The 32B config (or a cut of `layers` decoder layers), with the benchmark tokenizer's special ids."""
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
+    config = qwen3_vl_32b_config(**overrides)
+    # The tiny tokenizer's ids for the special tokens the model looks for.
+    config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    return config
+
+
 def run_benchmark(
     out_path: Path,
     parts: tuple[str, ...] = ("train", "generate"),
@@ -530,7 +610,7 @@ def run_benchmark(
     static_cache_batches: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     from pcbvlm.config import load_config
-    from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
+    from pcbvlm.shapes import ModelShape, count_parameters
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -538,14 +618,7 @@ def run_benchmark(
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "config" / "config.yaml")
     processor = benchmark_processor(cfg.data.max_pixels)
-    tok = processor.tokenizer
-    overrides = {} if layers is None else {"num_hidden_layers": layers}
-    config = qwen3_vl_32b_config(**overrides)
-    # The tiny tokenizer's ids for the special tokens the model looks for.
-    config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-    config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    config = benchmark_model_config(processor.tokenizer, layers)
     shape = ModelShape.from_config(config)
     counts = count_parameters(shape)
 
@@ -658,3 +731,295 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def summary_json(results: dict[str, Any]) -> str:
     return json.dumps(results, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The quantized model's inference paths (pcbvlm.int4) against NF4
+
+
+def quantize_language_model_int4(model, kernel: str, group_size: int = 128, seed: int = 0) -> int:
+    """Replace the decoder linears of `model.model.language_model` (plain or already int4) by `Int4Linear`s
+    built from random weights in compressed-tensors' packed form (random int32 words + scales), through
+    the same `Int4Linear.from_compressed` repacking a `make quantize` folder goes through; one at a time.
+    `make quantize` itself (llm-compressor, ~1 h for the 32B) is not what is measured here."""
+    from pcbvlm.int4 import Int4Linear, random_compressed_linear
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    count = 0
+    for _, module in list(model.model.language_model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear | Int4Linear):
+                continue
+            words, scale = random_compressed_linear(
+                child.out_features, child.in_features, group_size, model.device, generator
+            )
+            layer = Int4Linear.from_compressed(
+                words, scale, child.in_features, group_size, kernel, torch.bfloat16
+            )
+            setattr(module, child_name, layer)
+            del child, words, scale
+            count += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return count
+
+
+def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
+    """Forward passes prompt-lookup decoding takes for the sample's real answer if the model's greedy
+    answer is that answer: transformers' own `PromptLookupCandidateGenerator` drafts from the prompt and
+    the tokens so far (image tokens barred, as in `generate_batch`); each pass keeps the drafted tokens
+    that match plus the model's own next one. Random weights cannot show this (their answers are noise),
+    so the benchmark reports it beside the measured cost of a pass."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from pcbvlm.generate import IMAGE_TOKENS
+
+    tok = processor.tokenizer
+    prompt = processor.apply_chat_template(
+        sample["messages"][:-1], tokenize=False, add_generation_prompt=True
+    )
+    answer = sample["messages"][-1]["content"]
+    answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    barred = [tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    generator = PromptLookupCandidateGenerator(
+        num_output_tokens=num_tokens,
+        max_length=len(prompt_ids) + len(answer_ids) + 1,
+        logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor(barred)]),
+        vocab_size=len(tok),
+    )
+    ids, done, passes = list(prompt_ids), 0, 0
+    while done < len(answer_ids):
+        candidates, _ = generator.get_candidates(torch.tensor([ids]))
+        drafted = candidates[0, len(ids) :].tolist()
+        matched = 0
+        while (
+            matched < len(drafted)
+            and done + matched < len(answer_ids)
+            and drafted[matched] == answer_ids[done + matched]
+        ):
+            matched += 1
+        kept = min(matched + 1, len(answer_ids) - done)
+        ids += answer_ids[done : done + kept]
+        done += kept
+        passes += 1
+    return {"answer_tokens": len(answer_ids), "forward_passes": passes, "draft_tokens": num_tokens}
+
+
+def smoke_config(layers: int = 2):
+    """A narrow Qwen3-VL (hidden 256, a one-block vision tower) with the 32B's vocabulary, to run the
+    whole benchmark command on a CPU before spending GPU time on it."""
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    config = qwen3_vl_32b_config(
+        num_hidden_layers=layers,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    vision = config.vision_config
+    vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 1, 64, 128, 2
+    vision.deepstack_visual_indexes = [0]
+    vision.out_hidden_size = 256
+    return config
+
+
+# The benchmark's rows: tinygemm up to this batch size, the dequant layout above (and, for
+# `tinygemm_batches`, tinygemm's read-back to bf16), so both batched layouts are measured.
+BENCH_TINYGEMM_MAX_BATCH = 4
+
+
+def bench_kernel(batch_size: int) -> str:
+    return "tinygemm" if batch_size <= BENCH_TINYGEMM_MAX_BATCH else "dequant"
+
+
+def run_int4_benchmark(
+    out_path: Path,
+    batches: tuple[int, ...] = (1, 32, 128),
+    static_batches: tuple[int, ...] = (1,),
+    nf4_batches: tuple[int, ...] = (),
+    tinygemm_batches: tuple[int, ...] = (),
+    prompt_lookup: int = 0,
+    new_tokens: int = 230,
+    cap_gib: float = 80.0,
+    layers: int | None = None,
+    deadline_s: float | None = None,
+    smoke: bool = False,
+) -> dict[str, Any]:
+    """Generation with the quantized model's int4 paths on the 32B shape (random weights), each batch size
+    with the layout `bench_kernel` gives it (tinygemm up to 4 images, dequant above),
+    batch sizes in `static_batches` also with the compiled static cache; then, if time is left before
+    `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. Every setting is
+    written to `out_path` as soon as it is measured."""
+    from pcbvlm.config import load_config
+    from pcbvlm.int4 import int4_storage
+    from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
+
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+    def time_left() -> bool:
+        return deadline_s is None or time.perf_counter() - started < deadline_s
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "config" / "config.yaml")
+    processor = benchmark_processor(cfg.data.max_pixels if not smoke else 65536)
+    tok = processor.tokenizer
+    if smoke:
+        config = smoke_config(layers or 2)
+    else:
+        config = qwen3_vl_32b_config(**({} if layers is None else {"num_hidden_layers": layers}))
+    config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    counts = count_parameters(ModelShape.from_config(config))
+    cuda = torch.cuda.is_available()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sample = benchmark_sample(out_path.parent, cfg)
+    results: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)",
+        "cap_gib": cap_gib,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "parameters": counts.total,
+        "layers": config.text_config.num_hidden_layers,
+        "new_tokens": new_tokens,
+        "note": "random weights; int4 linears built from random packed words through "
+        "Int4Linear.from_compressed (the path of a `make quantize` folder); the 80 GiB cap emulates the "
+        "A800's memory, not its speed (4.8 vs 2.0 TB/s).",
+        "generate": [],
+    }
+    if prompt_lookup:
+        results["prompt_lookup_real_answer"] = prompt_lookup_passes(processor, sample, prompt_lookup)
+        log(f"prompt lookup on the sample's real answer: {results['prompt_lookup_real_answer']}")
+
+    def build(quantize: str):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda" if cuda else "cpu"):
+                from transformers import Qwen3VLForConditionalGeneration
+
+                model = Qwen3VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
+        if quantize == "nf4":
+            quantize_language_model_nf4(model, torch.bfloat16)
+        return model
+
+    begin = time.perf_counter()
+    kernel = bench_kernel(batches[0] if batches else 1)
+    model = build("bf16")
+    quantize_language_model_int4(model, kernel)
+    results["int4_build_s"] = round(time.perf_counter() - begin, 1)
+    storage = int4_storage(model)
+    results["int4_storage"] = storage
+    results["int4_bits_per_weight"] = round(
+        8 * (storage["packed_bytes"] + storage["scale_bytes"]) / storage["weights"], 3
+    )
+    if cuda:
+        results["int4_model_gib"] = gib(torch.cuda.memory_allocated())
+        props = torch.cuda.get_device_properties(0)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / props.total_memory))
+    log(
+        f"int4 model built ({kernel}): {results.get('int4_model_gib')} GiB, {results['int4_bits_per_weight']} bits/weight"
+    )
+
+    # (batch, cache, prompt-lookup tokens, kernel), most telling first: batch 1 (static, dynamic,
+    # dynamic + prompt lookup), then the batched sizes with the kernel auto picks, then the batched sizes
+    # on the tinygemm layout (many-row calls read its weights back to bf16: no second copy needed).
+    runs = [(b, "static", 0, bench_kernel(b)) for b in static_batches]
+    runs += [(b, None, 0, bench_kernel(b)) for b in batches if b <= BENCH_TINYGEMM_MAX_BATCH]
+    if prompt_lookup and 1 in batches:
+        runs.append((1, None, prompt_lookup, "tinygemm"))
+    runs += [
+        (b, None, 0, bench_kernel(b)) for b in sorted(batches, reverse=True) if b > BENCH_TINYGEMM_MAX_BATCH
+    ]
+    runs += [(b, None, 0, "tinygemm") for b in tinygemm_batches]
+    for batch_size, cache, lookup, wanted in runs:
+        if not time_left():
+            results["generate"].append(
+                {
+                    "model": f"int4 {wanted}",
+                    "batch_size": batch_size,
+                    "cache": cache or "dynamic",
+                    "status": "skipped: out of time",
+                }
+            )
+            continue
+        if wanted != kernel:
+            kernel = wanted
+            quantize_language_model_int4(model, kernel)
+            log(f"int4 linears repacked for the {kernel} kernel")
+        readback = sum(getattr(m, "unpack_order", None) is not None for m in model.modules())
+        label = f"int4 {kernel}" + (f" + prompt lookup {lookup}" if lookup else "")
+        result = time_generation(
+            model, processor, sample, batch_size, new_tokens, log, cache, kind=label, prompt_lookup=lookup
+        )
+        result["tinygemm_layers_read_back_for_many_rows"] = readback
+        results["generate"].append(result)
+        _write(out_path, results)
+
+    del model
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    if nf4_batches and time_left():
+        begin = time.perf_counter()
+        model = build("nf4")
+        results["nf4_build_s"] = round(time.perf_counter() - begin, 1)
+        if cuda:
+            results["nf4_model_gib"] = gib(torch.cuda.memory_allocated())
+            props = torch.cuda.get_device_properties(0)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / props.total_memory))
+        for batch_size in nf4_batches:
+            if not time_left():
+                results["generate"].append(
+                    {
+                        "model": "nf4",
+                        "batch_size": batch_size,
+                        "cache": "dynamic",
+                        "status": "skipped: out of time",
+                    }
+                )
+                continue
+            results["generate"].append(
+                time_generation(model, processor, sample, batch_size, new_tokens, log, None, kind="nf4")
+            )
+            _write(out_path, results)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    _write(out_path, results)
+    return results
+
+
+A800_BANDWIDTH_RATIO = 4.8 / 2.0  # H200 / A800 memory bandwidth: decoding reads every weight per token
+
+
+def int4_markdown_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['gpu']} (capped at {results['cap_gib']} GiB), torch {results['torch']}, "
+        f"{results['parameters'] / 1e9:.2f} B parameters, {results['layers']} layers, "
+        f"int4 model {results.get('int4_model_gib')} GiB ({results.get('int4_bits_per_weight')} bits per LM weight), "
+        f"{results['new_tokens']} new tokens.",
+        "",
+        "| model / kernel | batch | KV cache | s/image (measured) | ms per token step | forward passes | prefill s | peak GiB | warm-up s | s/image A800 (projected) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["generate"]:
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['cache']} | {r['status']} | | | | {r.get('peak_gib')} | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['cache']} | {r['s_per_image']} | {r['ms_per_token_step']} | "
+            f"{r.get('forward_passes', '')} | {r.get('prefill_s', '')} | "
+            f"{r['peak_gib']} | {r.get('warmup_s', '')} | {r['s_per_image'] * A800_BANDWIDTH_RATIO:.3g} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -47,21 +47,24 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
+    # {classes} in a prompt becomes the dataset's class names, comma separated (pcbvlm.samples.render_prompt).
     prompt: str = (
         "Find every defect on this printed circuit board image. The defect classes are: "
-        "open, short, mousebite, spur, copper, pin-hole. Answer with a JSON list of objects "
+        "{classes}. Answer with a JSON list of objects "
         '{"bbox_2d": [x1, y1, x2, y2], "label": class} in 0-1000 relative coordinates; '
         "answer [] if there is no defect."
     )
     template_prompt: str = (
         "The first image is the defect-free template of the board; the second image is the board under test. "
         "Find every defect on the board under test. The defect classes are: "
-        "open, short, mousebite, spur, copper, pin-hole. Answer with a JSON list of objects "
+        "{classes}. Answer with a JSON list of objects "
         '{"bbox_2d": [x1, y1, x2, y2], "label": class} in 0-1000 relative coordinates of the second image; '
         "answer [] if there is no defect."
     )
     with_template: bool = False  # show the defect-free template before the test image
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # Share held out as test when the source has no test split (COCO; YOLO or VOC without one).
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_seed: int = 0
     exclude_ids: list[str] = ["44000020"]  # 44000020_test.jpg has its labels drawn on it
     # Images are resized by the processor to at most max_pixels (the main memory lever):
@@ -86,6 +89,9 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
+    # qlora: LoRA adapters on an NF4 base (the 32B); lora: adapters on an unquantized base; full: every
+    # weight trained, no adapter (small models only: weights, gradients and AdamW states ~16 bytes/param).
+    method: Literal["qlora", "lora", "full"] = "qlora"
     quantization: Literal["nf4", "none"] = "nf4"  # nf4 = QLoRA; none = LoRA on a bf16/fp32 base
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the GPU supports it
     lr: float = Field(1e-4, gt=0)
@@ -115,6 +121,20 @@ class TrainConfig(Section):
     accelerate_profile: str = "a800"  # config/accelerate/<profile>.yaml
     group_by_length: bool = True
 
+    @model_validator(mode="after")
+    def _method_matches_quantization(self) -> TrainConfig:
+        if self.method == "qlora" and self.quantization != "nf4":
+            raise ValueError(
+                "method qlora trains adapters on an NF4 base: set quantization=nf4, or method=lora for "
+                "adapters on an unquantized base"
+            )
+        if self.method in ("lora", "full") and self.quantization != "none":
+            raise ValueError(
+                f"method {self.method} trains on an unquantized base: set quantization=none "
+                "(nf4 is for method=qlora)"
+            )
+        return self
+
 
 class QuantizeConfig(Section):
     scheme: Literal["W4A16"] = "W4A16"
@@ -133,6 +153,13 @@ class EvalConfig(Section):
     # static: a pre-allocated KV cache and a compiled decoding step (CUDA graphs) on a GPU; much faster
     # per token, after a compilation per batch shape (BENCHMARKS.md). dynamic: plain HF generate.
     kv_cache: Literal["dynamic", "static"] = "dynamic"
+    # A quantized (compressed-tensors W4A16) model runs packed (pcbvlm.int4): tinygemm (torch's int4 kernel
+    # for a few rows, its weights read back to bf16 per layer for many) or dequant (plain nibbles, always
+    # dequantized per layer; slower on the H200).
+    int4_kernel: Literal["tinygemm", "dequant"] = "tinygemm"
+    # Batch 1 only: draft up to N tokens by prompt lookup (repeated n-grams: the answer's JSON scaffolding)
+    # and verify them in one forward pass; the same greedy answer. 0 = off. Needs the dynamic KV cache.
+    prompt_lookup_tokens: int = Field(0, ge=0)
     worst_n: int = Field(8, ge=0)
     limit: int = Field(0, ge=0)  # evaluate only the first N samples (0 = all)
 

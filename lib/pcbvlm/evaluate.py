@@ -24,10 +24,10 @@ from typing import Any
 
 from pcbvlm.errors import DataError
 from pcbvlm.io import atomic_write_json, atomic_write_text, read_jsonl_lines
-from pcbvlm.labels import LABELS
 from pcbvlm.metrics import EvalImage, evaluate_detections
 from pcbvlm.parsing import parse_answer
 from pcbvlm.report import SCORES_FROM_TOKENS, SCORES_NONE, compare_runs, write_report
+from pcbvlm.samples import DEFAULT_CLASSES, dataset_classes
 
 SPLITS = ("train", "val", "test")
 METRICS_FILE = "metrics.json"
@@ -43,8 +43,11 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def _check_objects(objects: Any, where: str, with_score: bool) -> list[dict[str, Any]]:
-    """Validated copies of `[{"label", "bbox", "score"?}]` (score filled with 1.0 when asked)."""
+def _check_objects(
+    objects: Any, where: str, with_score: bool, classes: Sequence[str] = DEFAULT_CLASSES
+) -> list[dict[str, Any]]:
+    """Validated copies of `[{"label", "bbox", "score"?}]` (score filled with 1.0 when asked); labels
+    must be among the dataset's `classes`."""
     if not isinstance(objects, list):
         raise DataError(f"{where}: 'objects' must be a list")
     checked = []
@@ -52,9 +55,9 @@ def _check_objects(objects: Any, where: str, with_score: bool) -> list[dict[str,
         if not isinstance(obj, dict):
             raise DataError(f"{where}: objects[{i}] must be an object")
         label, box = obj.get("label"), obj.get("bbox")
-        if label not in LABELS:
+        if label not in classes:
             raise DataError(
-                f"{where}: objects[{i}]: unknown label {reprlib.repr(label)} (expected one of {', '.join(LABELS)})"
+                f"{where}: objects[{i}]: unknown label {reprlib.repr(label)} (expected one of {', '.join(classes)})"
             )
         if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
             raise DataError(
@@ -70,7 +73,7 @@ def _check_objects(objects: Any, where: str, with_score: bool) -> list[dict[str,
     return checked
 
 
-def _check_sample(row: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
+def _check_sample(row: dict[str, Any], where: str, base: Path, classes: Sequence[str]) -> dict[str, Any]:
     sample_id = row.get("id")
     if not isinstance(sample_id, str) or not sample_id:
         raise DataError(f"{where}: 'id' must be a non-empty string")
@@ -81,13 +84,20 @@ def _check_sample(row: dict[str, Any], where: str, base: Path) -> dict[str, Any]
     image = row.get("image")
     if not isinstance(image, str) or not image:
         raise DataError(f"{where}: 'image' must be a path")
+    classes = row.get("classes") or classes  # the converter writes the dataset's class list into each sample
     return {
         "id": sample_id,
         "image": str(base / image),  # absolute paths (the converter's) are kept as they are
         "width": row["width"],
         "height": row["height"],
-        "objects": _check_objects(row.get("objects"), where, with_score=False),
+        "objects": _check_objects(row.get("objects"), where, with_score=False, classes=classes),
+        "classes": list(classes),
     }
+
+
+def _classes(samples: Sequence[dict[str, Any]]) -> Sequence[str]:
+    """The class list of the evaluated split (every sample carries it)."""
+    return samples[0].get("classes") or DEFAULT_CLASSES if samples else DEFAULT_CLASSES
 
 
 def load_scoring_samples(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
@@ -98,8 +108,9 @@ def load_scoring_samples(data_dir: str | Path, split: str) -> list[dict[str, Any
             f"{path}: split file not found (convert the data with `make data`, or give --data-dir)"
         )
     samples, seen = [], {}
+    classes = dataset_classes(path.parent)
     for number, row in read_jsonl_lines(path):
-        sample = _check_sample(row, f"{path} line {number}", path.parent)
+        sample = _check_sample(row, f"{path} line {number}", path.parent, classes)
         if sample["id"] in seen:
             raise DataError(
                 f"{path} line {number}: duplicate id {sample['id']!r} (first on line {seen[sample['id']]})"
@@ -109,7 +120,9 @@ def load_scoring_samples(data_dir: str | Path, split: str) -> list[dict[str, Any
     return samples
 
 
-def check_prediction(row: dict[str, Any], where: str, known_ids: set[str]) -> dict[str, Any]:
+def check_prediction(
+    row: dict[str, Any], where: str, known_ids: set[str], classes: Sequence[str] = DEFAULT_CLASSES
+) -> dict[str, Any]:
     """One prediction, validated and normalized (scores filled, optional keys present)."""
     sample_id = row.get("id")
     if not isinstance(sample_id, str):
@@ -128,7 +141,7 @@ def check_prediction(row: dict[str, Any], where: str, known_ids: set[str]) -> di
         raise DataError(f"{where}: 'problems' must map problem kinds to counts")
     return {
         "id": sample_id,
-        "objects": _check_objects(row.get("objects"), where, with_score=True),
+        "objects": _check_objects(row.get("objects"), where, with_score=True, classes=classes),
         "raw": raw,
         "error": error,
         "problems": problems,
@@ -142,7 +155,7 @@ def read_predictions(path: str | Path, samples: Sequence[dict[str, Any]]) -> lis
     predictions, seen = [], {}
     for number, row in read_jsonl_lines(path):
         where = f"{path} line {number}"
-        prediction = check_prediction(row, where, known)
+        prediction = check_prediction(row, where, known, _classes(samples))
         if prediction["id"] in seen:
             raise DataError(
                 f"{where}: duplicate id {prediction['id']!r} (first on line {seen[prediction['id']]})"
@@ -163,7 +176,9 @@ def _parse_stats(
             problems.update(pred["problems"])
         elif pred["raw"] is not None:
             sample = samples[pred["id"]]
-            problems.update(parse_answer(pred["raw"], sample["width"], sample["height"]).problems)
+            problems.update(
+                parse_answer(pred["raw"], sample["width"], sample["height"], sample.get("classes")).problems
+            )
         elif pred["error"] is not None:
             problems["unspecified"] += 1  # an error without the text or kinds behind it
     rate = failures / len(predictions) if predictions else 0.0
@@ -191,7 +206,7 @@ def score_predictions(
     for i, row in enumerate(predictions, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{source} #{i}: expected an object")
-        prediction = check_prediction(row, f"{source} #{i}", set(by_sample))
+        prediction = check_prediction(row, f"{source} #{i}", set(by_sample), _classes(samples))
         if prediction["id"] in checked:
             raise DataError(f"{source} #{i}: duplicate id {prediction['id']!r}")
         checked[prediction["id"]] = prediction
@@ -206,7 +221,7 @@ def score_predictions(
         EvalImage(s["id"], s["width"], s["height"], s["objects"], checked[s["id"]]["objects"])
         for s in samples
     ]
-    result = evaluate_detections(images)
+    result = evaluate_detections(images, _classes(samples))
     failure_rate, problems = _parse_stats(list(checked.values()), by_sample)
     # 1.0 everywhere is the parser's default, i.e. no scores: the report must not claim otherwise.
     scored = any(obj["score"] != 1.0 for p in checked.values() for obj in p["objects"])

@@ -2,7 +2,8 @@
 
 A model reference is one of: a training run folder or its `adapter/` (base + LoRA adapter, the base
 loaded as for training: NF4 on a GPU when `train.quantization` is nf4), a merged folder (bf16), a
-quantized folder (compressed-tensors W4A16), or the base model itself (hub id or folder).
+quantized folder (compressed-tensors W4A16, run with its weights kept in 4 bits: `pcbvlm.int4`), or the
+base model itself (hub id or folder).
 
 Each box gets a confidence: the mean probability of the tokens the model generated for that object's
 `{...}` (greedy decoding, probabilities from the softmax of the logits), so that precision-recall
@@ -24,10 +25,10 @@ from tqdm import tqdm
 
 from pcbvlm.collator import image_paths, load_image
 from pcbvlm.config import Config
-from pcbvlm.deeppcb import build_messages
 from pcbvlm.errors import UserError
 from pcbvlm.io import is_partial
 from pcbvlm.parsing import mean_token_scores, parse_answer
+from pcbvlm.samples import build_messages
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ class LoadedModel:
     kind: str  # adapter | merged | quantized | base
     path: str
     kv_cache: str = "dynamic"  # eval.kv_cache: dynamic, or static (compiled decoding on a GPU)
+    prompt_lookup_tokens: int = 0  # eval.prompt_lookup_tokens: draft tokens per step at batch 1 (0 = off)
 
 
+IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 MODEL_SHORTCUTS = ("auto", "run", "merged", "quantized", "base")
 
 
@@ -96,8 +99,9 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
         raise UserError(f"{ref}: an unfinished output folder (.partial-*); run the job that writes it again")
 
     if ref is not None and ref.exists():
-        from pcbvlm.training import adapter_folder
+        from pcbvlm.training import adapter_folder, full_model_folder
 
+        ref = full_model_folder(ref) or ref  # a full-parameter run stands for its model/ folder
         adapter = adapter_folder(ref)
         if adapter is not None:
             from peft import PeftModel
@@ -109,12 +113,19 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
             config = json.loads((ref / "config.json").read_text())
             quant = (config.get("quantization_config") or {}).get("quant_method")
             kind = "quantized" if quant == "compressed-tensors" else "merged"
-            model = Qwen3VLForConditionalGeneration.from_pretrained(
-                ref,
-                dtype=dtype,
-                attn_implementation=cfg.model.attn_implementation,
-                device_map={"": 0} if device == "cuda" else None,
-            )
+            if kind == "quantized":
+                from pcbvlm.int4 import load_int4_model
+
+                model = load_int4_model(
+                    ref, dtype, cfg.eval.int4_kernel, cfg.model.attn_implementation, device
+                )
+            else:
+                model = Qwen3VLForConditionalGeneration.from_pretrained(
+                    ref,
+                    dtype=dtype,
+                    attn_implementation=cfg.model.attn_implementation,
+                    device_map={"": 0} if device == "cuda" else None,
+                )
             processor_source = str(ref) if _has_processor(ref) else base
         else:
             raise UserError(f"{ref}: neither a run/adapter folder nor a model folder (no config.json)")
@@ -130,7 +141,9 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
     processor = load_processor(processor_source, cfg.data.min_pixels, cfg.data.max_pixels, None)
     # Batched generation appends new tokens on the right: prompts must be padded on the left.
     processor.tokenizer.padding_side = "left"
-    return LoadedModel(model, processor, kind, str(ref) if ref else base, cfg.eval.kv_cache)
+    return LoadedModel(
+        model, processor, kind, str(ref) if ref else base, cfg.eval.kv_cache, cfg.eval.prompt_lookup_tokens
+    )
 
 
 def allow_compiled_decoding(model) -> bool:
@@ -196,13 +209,23 @@ def generate_batch(
     max_new_tokens: int,
     min_new_tokens: int | None = None,
     cache_implementation: str | None = None,
+    prompt_lookup_tokens: int | None = None,
 ) -> list[tuple[str, list[tuple[int, int]], list[float]]]:
     """Greedy generation for a batch of chats; per sample: (text, token offsets, token probabilities).
     `cache_implementation` (default: the model's eval.kv_cache) "static" pre-allocates the KV cache,
     which lets transformers compile the decoding step on a GPU (the first batch of each shape pays for
-    the compilation)."""
+    the compilation). `prompt_lookup_tokens` (default: eval.prompt_lookup_tokens; batch 1 only):
+    transformers' prompt-lookup decoding drafts up to that many tokens by matching the last tokens
+    against earlier ones (the JSON scaffolding of each box repeats) and verifies them in one forward
+    pass; greedy verification keeps exactly the tokens plain decoding would pick. It needs the dynamic
+    cache (transformers crops the cache of rejected drafts), so it replaces a static one."""
     if cache_implementation is None and loaded.kv_cache != "dynamic":
         cache_implementation = loaded.kv_cache
+    lookup = loaded.prompt_lookup_tokens if prompt_lookup_tokens is None else prompt_lookup_tokens
+    if len(messages_batch) != 1:
+        lookup = 0  # transformers' assisted decoding runs one sequence at a time
+    if lookup:
+        cache_implementation = None
     processor = loaded.processor
     texts = [
         processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages_batch
@@ -213,18 +236,32 @@ def generate_batch(
     from transformers import LogitsProcessorList
 
     recorder = ChosenTokenProbability()
-    sequences = loaded.model.generate(
+    if lookup:
+        # The recorder would also see the drafts that verification rejects: take the accepted tokens'
+        # scores instead (one sequence, so one vocabulary row per token).
+        extra = {"prompt_lookup_num_tokens": lookup, "output_scores": True, "return_dict_in_generate": True}
+    else:
+        extra = {"logits_processor": LogitsProcessorList([recorder])}
+    # The answer is text: the image placeholders are never generated. This also keeps prompt lookup from
+    # drafting them out of the prompt's image (the model would count them as image tokens).
+    image_tokens = [processor.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    output = loaded.model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         do_sample=False,
-        logits_processor=LogitsProcessorList([recorder]),
+        suppress_tokens=image_tokens,
         pad_token_id=processor.tokenizer.pad_token_id,
         cache_implementation=cache_implementation,
+        **extra,
     )
     prompt_length = inputs["input_ids"].shape[1]
-    new_tokens = sequences[:, prompt_length:]
-    token_probs = recorder.probabilities().cpu()
+    if lookup:
+        new_tokens = output.sequences[:, prompt_length:]
+        token_probs = torch.stack([torch.softmax(s.float(), -1).amax(-1) for s in output.scores], dim=1).cpu()
+    else:
+        new_tokens = output[:, prompt_length:]
+        token_probs = recorder.probabilities().cpu()
     tokenizer = processor.tokenizer
     stop_ids = {tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     results = []
@@ -238,9 +275,12 @@ def generate_batch(
     return results
 
 
-def to_prediction(text: str, offsets, probs, sample_id: str, width: int, height: int) -> dict[str, Any]:
-    """One predictions.jsonl line: parsed pixel boxes, each scored by its tokens' mean probability."""
-    parsed = parse_answer(text, width, height)
+def to_prediction(
+    text: str, offsets, probs, sample_id: str, width: int, height: int, classes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """One predictions.jsonl line: parsed pixel boxes, each scored by its tokens' mean probability.
+    `classes`: the dataset's class names (DeepPCB's when None)."""
+    parsed = parse_answer(text, width, height, classes)
     parsed = parsed.with_scores(mean_token_scores(parsed.spans, offsets, probs))
     return parsed.to_prediction(sample_id, text)
 
@@ -267,7 +307,13 @@ def generate_predictions(
             for sample, (text, offsets, probs) in zip(chunk, outputs, strict=True):
                 predictions.append(
                     to_prediction(
-                        text, offsets, probs, str(sample["id"]), int(sample["width"]), int(sample["height"])
+                        text,
+                        offsets,
+                        probs,
+                        str(sample["id"]),
+                        int(sample["width"]),
+                        int(sample["height"]),
+                        sample.get("classes"),
                     )
                 )
             bar.update(len(chunk))

@@ -1,5 +1,9 @@
 """`make merge`: fold a trained LoRA adapter into the unquantized base and write a plain model folder.
 
+A full-parameter run (`train.method: full`) has no adapter: its `model/` folder is already the fine-tuned
+model, so it is re-saved in the merge dtype with the processor files and verified the same way (the
+published copy's logits against the run's model), and published at the same place.
+
 The base is loaded without quantization (bf16; fp32 where `train.precision` says so, as in the tiny
 config), the adapter (the newest finished run, or `--adapter`) is applied with peft, `merge_and_unload`
 adds B @ A * alpha / r to every targeted weight, and the result is saved as sharded safetensors with the
@@ -60,16 +64,19 @@ EXTRA_PROCESSOR_FILES = ("video_preprocessor_config.json",)
 
 def resolve_adapter(cfg: Config, adapter: str | Path | None = None) -> Path:
     """The adapter folder to merge: `adapter` (a run folder or its adapter/ folder), or the newest
-    finished run under `paths.runs_dir`."""
-    from pcbvlm.training import ADAPTER_DIR, adapter_folder, newest_finished_run
+    finished run under `paths.runs_dir`. For a full-parameter run: its model/ folder."""
+    from pcbvlm.training import ADAPTER_DIR, MODEL_DIR, adapter_folder, full_model_folder, newest_finished_run
 
     if adapter is None:
         run = newest_finished_run(Path(cfg.paths.runs_dir))
         if run is None:
             raise UserError(
-                f"no finished training run under {cfg.paths.runs_dir} (a run folder with {ADAPTER_DIR}/): "
-                "run `make train`, or give ADAPTER=path"
+                f"no finished training run under {cfg.paths.runs_dir} (a run folder with {ADAPTER_DIR}/ or "
+                f"{MODEL_DIR}/): run `make train`, or give ADAPTER=path"
             )
+        full = full_model_folder(run)
+        if full is not None:
+            return full
         folder = run / ADAPTER_DIR
     else:
         given = Path(adapter)
@@ -77,13 +84,16 @@ def resolve_adapter(cfg: Config, adapter: str | Path | None = None) -> Path:
             raise UserError(
                 f"--adapter {given}: an unfinished folder (`{PARTIAL_MARK}*`, left by an interrupted job)"
             )
+        full = full_model_folder(given)
+        if full is not None:
+            return full
         found = adapter_folder(given)
         if found is not None:
             folder = found
         elif given.is_dir():
             raise UserError(
                 f"--adapter {given}: neither an adapter folder (adapter_config.json) nor a finished run "
-                f"folder ({ADAPTER_DIR}/adapter_config.json)"
+                f"folder ({ADAPTER_DIR}/adapter_config.json, or {MODEL_DIR}/config.json of a full-parameter run)"
             )
         else:
             raise UserError(f"--adapter {given}: no such folder")
@@ -145,7 +155,7 @@ def merge_dtype(cfg: Config, device: str) -> torch.dtype:
 def verification_samples(cfg: Config, count: int) -> list[dict[str, Any]]:
     """The first `count` samples of val.jsonl (train.jsonl when there is no validation split): the same
     samples for every run, so reports stay comparable."""
-    from pcbvlm.deeppcb import load_samples
+    from pcbvlm.samples import load_samples
 
     if count <= 0:
         return []
@@ -268,6 +278,7 @@ class MergeResult:
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)
+    method: str = "lora"  # lora: adapter folded into the base; full: a full-parameter run's model re-saved
 
     def report(self) -> dict[str, Any]:
         out = asdict(self)
@@ -287,6 +298,7 @@ def merge_adapter(
     from pcbvlm.collator import TrainCollator
     from pcbvlm.modeling import ensure_model_available, load_base_model
     from pcbvlm.processing import load_processor
+    from pcbvlm.training import full_model_folder
 
     started = time.perf_counter()
     stages: dict[str, float] = {}
@@ -294,6 +306,8 @@ def merge_adapter(
     target = Path(out) if out is not None else Path(cfg.paths.outputs_dir) / MERGED_DIR
     if is_partial(target):
         raise UserError(f"--out {target}: `{PARTIAL_MARK}` names are reserved for unfinished folders")
+    if full_model_folder(adapter_dir) == adapter_dir:
+        return publish_full_model(cfg, adapter_dir, target)
     base = ensure_model_available(cfg)
     base_config = load_model_config(base, cfg.model.revision)
     method = quantization_method(base_config)
@@ -392,6 +406,78 @@ def merge_adapter(
     return result
 
 
+def publish_full_model(cfg: Config, folder: Path, target: Path) -> MergeResult:
+    """A full-parameter run's model/ folder -> `target`: re-saved in the merge dtype (sharded like a
+    merge) with its processor files, then loaded back and its logits compared with the run's model on
+    the verification samples (same tolerance as a merge); nothing is published when they differ."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from pcbvlm.collator import TrainCollator
+    from pcbvlm.processing import load_processor
+
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    device = merge_device(cfg)
+    dtype = merge_dtype(cfg, device)
+    tolerance = MERGE_TOLERANCE[dtype]
+    samples = verification_samples(cfg, cfg.quantize.verify_samples)
+    processor = load_processor(folder, cfg.data.min_pixels, cfg.data.max_pixels)
+    batch = TrainCollator(processor)(samples) if samples else None
+
+    def load(path: Path, as_dtype: torch.dtype | str):
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            str(path), dtype=as_dtype, attn_implementation=cfg.model.attn_implementation
+        )
+        return model.to(device).eval()
+
+    tick = time.perf_counter()
+    model = load(folder, "auto")  # as the run saved it
+    stages["load_s"] = time.perf_counter() - tick
+    reference = attended_logits(model, batch, device, model.dtype) if batch is not None else None
+    model = model.to(dtype)
+    with atomic_directory(target, overwrite=True) as tmp:
+        tick = time.perf_counter()
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        save_processor(processor, tmp, folder)
+        stages["save_s"] = time.perf_counter() - tick
+        del model
+        free_memory()
+        diff: dict[str, float] = {}
+        if batch is not None and reference is not None:
+            tick = time.perf_counter()
+            reloaded = load(tmp, dtype)
+            diff = compare_logits(reference, attended_logits(reloaded, batch, device, dtype))
+            del reloaded
+            free_memory()
+            stages["verify_s"] = time.perf_counter() - tick
+            if not diff["rel_max_diff"] <= tolerance:
+                raise UserError(
+                    f"verification of the full-parameter model failed: max |logit difference| "
+                    f"{diff['max_abs_diff']:.4g} is {diff['rel_max_diff']:.3g} of the logit scale, above the "
+                    f"{tolerance:g} allowed for {_dtype_name(dtype)}; nothing was written to {target}"
+                )
+        result = MergeResult(
+            out_dir=target,
+            adapter=folder,
+            base=str(folder),
+            dtype=_dtype_name(dtype),
+            device=device,
+            verified=bool(diff),
+            samples=len(samples),
+            tolerance=tolerance if diff else None,
+            diff=diff,
+            size_bytes=folder_size(tmp),
+            seconds=time.perf_counter() - started,
+            stages={k: round(v, 3) for k, v in stages.items()},
+            leftovers=[str(p) for p in leftover_partials(target)],
+            method="full",
+        )
+        report = result.report()
+        report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        atomic_write_json(tmp / MERGE_REPORT, report)
+    return result
+
+
 def _same_model(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
     if pa.exists() and pb.exists():
@@ -418,7 +504,7 @@ def print_summary(result: MergeResult) -> None:
     table = Table(title=f"merge: {title}", show_header=False)
     rows = [
         ("merged model", str(result.out_dir)),
-        ("adapter", str(result.adapter)),
+        ("adapter" if result.method != "full" else "full-parameter model", str(result.adapter)),
         ("base", result.base),
         ("dtype / device", f"{result.dtype} / {result.device}"),
         ("size on disk", format_size(result.size_bytes)),
@@ -434,15 +520,18 @@ def print_summary(result: MergeResult) -> None:
         rows += [
             ("samples checked", str(result.samples)),
             (
-                "merged vs base+adapter",
+                "merged vs base+adapter" if result.method != "full" else "published vs the run's model",
                 f"max |dlogit| {d['max_abs_diff']:.3g} = {d['rel_max_diff']:.2e} of scale {d['logit_scale']:.3g} "
                 f"(tolerance {result.tolerance:g}); mean {d['mean_abs_diff']:.3g}; top-1 agree {d['top1_agreement']:.1%}",
             ),
-            (
-                "adapter effect",
-                f"max |dlogit| {e['max_abs_diff']:.3g}, mean {e['mean_abs_diff']:.3g} (base+adapter vs base)",
-            ),
         ]
+        if e:
+            rows.append(
+                (
+                    "adapter effect",
+                    f"max |dlogit| {e['max_abs_diff']:.3g}, mean {e['mean_abs_diff']:.3g} (base+adapter vs base)",
+                )
+            )
     for path in result.leftovers:
         rows.append(("leftover", f"{path} (from an interrupted run; delete it)"))
     for key, value in rows:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcbvlm.labels import CLASS_NAMES, LABEL_TO_ID, LABELS
+from pcbvlm.labels import LABELS
 
 DEEPPCB_IOU = 0.33
 CLASS_IOU = 0.5
@@ -165,12 +165,15 @@ def _xywh(box: Sequence[float]) -> list[float]:
     return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
 
 
-def coco_metrics(images: Sequence[EvalImage]) -> CocoResult:
-    """mAP@.5, mAP@.5:.95 and per-class AP@.5 from pycocotools' COCOeval (its printing is swallowed)."""
+def coco_metrics(images: Sequence[EvalImage], classes: Sequence[str] = LABELS) -> CocoResult:
+    """mAP@.5, mAP@.5:.95 and per-class AP@.5 from pycocotools' COCOeval (its printing is swallowed).
+    `classes`: the dataset's class names (category ids 1..n in this order)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    categories = [{"id": cid, "name": name} for cid, name in CLASS_NAMES.items()]
+    class_names = dict(enumerate(classes, start=1))
+    label_to_id = {name: cid for cid, name in class_names.items()}
+    categories = [{"id": cid, "name": name} for cid, name in class_names.items()]
     coco_images = [{"id": i, "width": img.width, "height": img.height} for i, img in enumerate(images, 1)]
     gt_anns, det_anns = [], []
     for image_id, img in enumerate(images, 1):
@@ -180,7 +183,7 @@ def coco_metrics(images: Sequence[EvalImage]) -> CocoResult:
                 {
                     "id": len(gt_anns) + 1,
                     "image_id": image_id,
-                    "category_id": LABEL_TO_ID[obj["label"]],
+                    "category_id": label_to_id[obj["label"]],
                     "bbox": xywh,
                     "area": xywh[2] * xywh[3],
                     "iscrowd": 0,
@@ -190,7 +193,7 @@ def coco_metrics(images: Sequence[EvalImage]) -> CocoResult:
             det_anns.append(
                 {
                     "image_id": image_id,
-                    "category_id": LABEL_TO_ID[det["label"]],
+                    "category_id": label_to_id[det["label"]],
                     "bbox": _xywh(det["bbox"]),
                     "score": _score(det),
                 }
@@ -222,7 +225,7 @@ def coco_metrics(images: Sequence[EvalImage]) -> CocoResult:
     curves: dict[str, list[float]] = {}
     for k, cid in enumerate(evaluator.params.catIds):
         column = precision[iou50, :, k, 0, -1]  # area "all", the largest maxDets
-        label = CLASS_NAMES[cid]
+        label = class_names[cid]
         per_class[label] = float(column.mean()) if (column > -1).all() else None
         if per_class[label] is not None:
             curves[label] = [float(v) for v in column]
@@ -234,16 +237,18 @@ def coco_metrics(images: Sequence[EvalImage]) -> CocoResult:
     return CocoResult(metrics, [float(v) for v in evaluator.params.recThrs], curves)
 
 
-def per_class_prf(images: Sequence[EvalImage], iou_threshold: float = CLASS_IOU) -> dict[str, Any]:
+def per_class_prf(
+    images: Sequence[EvalImage], iou_threshold: float = CLASS_IOU, classes: Sequence[str] = LABELS
+) -> dict[str, Any]:
     """Per-class and overall (micro) precision / recall / F1 with greedy same-class matching.
 
     Precision is null without detections of the class, recall null without ground truth; F1 is
     2TP / (2TP + FP + FN), which equals the harmonic mean when both exist and is null only when
     the class has neither ground truth nor detections.
     """
-    counts = {label: {"tp": 0, "fp": 0, "fn": 0} for label in LABELS}
+    counts = {label: {"tp": 0, "fp": 0, "fn": 0} for label in classes}
     for img in images:
-        for label in LABELS:
+        for label in classes:
             gts = [obj["bbox"] for obj in img.gt if obj["label"] == label]
             dets = sorted((d for d in img.dets if d["label"] == label), key=lambda d: -_score(d))
             free = [True] * len(gts)
@@ -286,13 +291,14 @@ class DetectionResult:
     coco: CocoResult
 
 
-def evaluate_detections(images: Sequence[EvalImage]) -> DetectionResult:
+def evaluate_detections(images: Sequence[EvalImage], classes: Sequence[str] = LABELS) -> DetectionResult:
+    """Every metric; `classes` is the dataset's class list (DeepPCB's by default)."""
     deeppcb = deeppcb_metrics(images)
-    coco = coco_metrics(images)
+    coco = coco_metrics(images, classes)
     metrics = {
         "deeppcb": deeppcb.metrics,
         "coco": coco.metrics,
-        "per_class": per_class_prf(images),
+        "per_class": per_class_prf(images, classes=classes),
         "counts": {
             "images": len(images),
             "gt_boxes": sum(len(img.gt) for img in images),

@@ -19,6 +19,7 @@ spans to generated tokens (`mean_token_scores`) and attaches per-box scores with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -70,17 +71,22 @@ def _letters(text: str) -> str:
     return re.sub(r"[^a-z]", "", text.lower())
 
 
-_CANONICAL: dict[str, str] = {_letters(name): name for name in LABELS} | _ALIASES
+@functools.lru_cache(maxsize=8)
+def _canonical(classes: tuple[str, ...]) -> dict[str, str]:
+    """Spelling-free key -> class name; the DeepPCB aliases count only for classes in the list."""
+    aliases = {key: name for key, name in _ALIASES.items() if name in classes}
+    return aliases | {_letters(name): name for name in classes}
 
 
-def canonical_label(text: str) -> str | None:
+def canonical_label(text: str, classes: Sequence[str] | None = None) -> str | None:
     """A class name in any case, spacing or punctuation ("Pin hole", "mouse_bite", "Shorts") -> the
-    canonical name from pcbvlm.labels, or None when it is no DeepPCB class."""
+    canonical name from `classes` (the dataset's; DeepPCB's by default), or None when it is none of them."""
+    canonical = _canonical(tuple(classes) if classes else LABELS)
     key = _letters(text)
-    if key in _CANONICAL:
-        return _CANONICAL[key]
-    if key.endswith("s") and key[:-1] in _CANONICAL:  # plurals: "opens", "spurs"
-        return _CANONICAL[key[:-1]]
+    if key in canonical:
+        return canonical[key]
+    if key.endswith("s") and key[:-1] in canonical:  # plurals: "opens", "spurs"
+        return canonical[key[:-1]]
     return None
 
 
@@ -334,7 +340,12 @@ def _number(value: Any, problems: Counter[str]) -> float | None:
 
 
 def _read_object(
-    value: Any, span: tuple[int, int], width: int, height: int, problems: Counter[str]
+    value: Any,
+    span: tuple[int, int],
+    width: int,
+    height: int,
+    problems: Counter[str],
+    classes: Sequence[str] | None = None,
 ) -> ParsedObject | None:
     if not isinstance(value, dict):
         problems["not_an_object"] += 1
@@ -351,7 +362,7 @@ def _read_object(
     if not isinstance(raw_label, str):
         problems["bad_value"] += 1
         return None
-    label = canonical_label(raw_label)
+    label = canonical_label(raw_label, classes)
     if label is None:
         problems["unknown_label"] += 1
         return None
@@ -385,8 +396,11 @@ def _read_object(
     return ParsedObject(label=label, bbox=(px[0], px[1], px[2], px[3]), span=span)
 
 
-def parse_answer(text: str | None, width: int, height: int) -> ParseResult:
-    """Read the model's answer for a width x height image. Never raises.
+def parse_answer(
+    text: str | None, width: int, height: int, classes: Sequence[str] | None = None
+) -> ParseResult:
+    """Read the model's answer for a width x height image. Never raises. `classes`: the dataset's class
+    names (DeepPCB's when None); other labels are `unknown_label`.
 
     Returns the kept objects (pixel boxes, canonical labels, score 1.0, span of each `{...}` in
     `text`) and the problems met, by kind; `result.error` is None when nothing was lost or changed.
@@ -409,7 +423,7 @@ def parse_answer(text: str | None, width: int, height: int) -> ParseResult:
 
     objects = []
     for value, span in scan.items:
-        obj = _read_object(value, span, width, height, problems)
+        obj = _read_object(value, span, width, height, problems, classes)
         if obj is not None:
             objects.append(obj)
     return ParseResult(tuple(objects), dict(+problems))

@@ -151,7 +151,7 @@ def calibration_set(cfg: Config, processor, dtype: torch.dtype) -> CalibrationSe
     input_ids, attention_mask, mm_token_type_ids, pixel_values (in the model's dtype), image_grid_thw.
     No labels: calibration needs activations, not a loss."""
     from pcbvlm.collator import IGNORE_INDEX, TrainCollator
-    from pcbvlm.deeppcb import load_samples
+    from pcbvlm.samples import load_samples
 
     rows = load_samples(Path(cfg.paths.data_dir), "train")
     if not rows:
@@ -271,7 +271,7 @@ def _stock_recipe_names(folder: Path) -> None:
 def generation_inputs(processor, samples: list[dict[str, Any]], cfg: Config) -> dict[str, torch.Tensor]:
     """The evaluation prompts (no answer) of `samples`, left-padded into one batch."""
     from pcbvlm.collator import image_paths, load_image
-    from pcbvlm.deeppcb import build_messages
+    from pcbvlm.samples import build_messages
 
     chats = [build_messages(s, cfg.data, with_answer=False) for s in samples]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
@@ -327,8 +327,9 @@ def answer_agreement(samples: list[dict[str, Any]], reference: list[str], other:
     rows, matched, n_ref, n_other = [], 0, 0, 0
     for sample, ref_text, text in zip(samples, reference, other, strict=True):
         width, height = int(sample["width"]), int(sample["height"])
-        ref_objects = parse_answer(ref_text, width, height).objects
-        objects = parse_answer(text, width, height).objects
+        classes = sample.get("classes")  # the dataset's class list (pcbvlm.samples)
+        ref_objects = parse_answer(ref_text, width, height, classes).objects
+        objects = parse_answer(text, width, height, classes).objects
         pairs = _greedy_matches(ref_objects, objects)
         matched += pairs
         n_ref += len(ref_objects)

@@ -18,7 +18,6 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from pcbvlm.io import atomic_write_bytes, atomic_write_text
-from pcbvlm.labels import LABELS
 from pcbvlm.metrics import DEEPPCB_IOU, DetectionResult, EvalImage, ImageMatch
 
 GT_COLOR = (0, 190, 0)
@@ -225,8 +224,7 @@ def render_report(metrics: dict[str, Any], run: dict[str, Any], overlays: Sequen
     lines += _table(["mAP@0.5", "mAP@0.5:0.95"], [[coco["map50"], coco["map50_95"]]])
     lines += ["", f"## Per class (COCO AP@0.5; P/R/F1 at IoU {pc['iou_threshold']}, same class)", ""]
     rows = []
-    for label in LABELS:
-        c = pc["classes"][label]
+    for label, c in pc["classes"].items():  # the dataset's classes, in its order
         rows.append(
             [
                 label,
@@ -320,10 +318,11 @@ def _comparison_rows(metrics: dict[str, Any]) -> dict[str, Any]:
         rows[f"DeepPCB {key}"] = metrics["deeppcb"][key]
     rows["COCO mAP@0.5"] = metrics["coco"]["map50"]
     rows["COCO mAP@0.5:0.95"] = metrics["coco"]["map50_95"]
-    for label in LABELS:
+    classes = metrics["per_class"]["classes"]  # the dataset's classes, in its order
+    for label in classes:
         rows[f"AP50 {label}"] = metrics["coco"]["per_class_ap50"].get(label)
-    for label in LABELS:
-        rows[f"F1@0.5 {label}"] = metrics["per_class"]["classes"][label]["f1"]
+    for label in classes:
+        rows[f"F1@0.5 {label}"] = classes[label]["f1"]
     rows["parse failure rate"] = metrics["parse_failure_rate"]
     rows["images/s"] = metrics.get("images_per_s")
     for key in ("images", "gt_boxes", "detections"):
@@ -338,7 +337,7 @@ def compare_runs(
     a, b = _comparison_rows(metrics_a), _comparison_rows(metrics_b)
     rows = []
     for key in a:
-        va, vb = a[key], b[key]
+        va, vb = a[key], b.get(key)  # runs on different class lists share only some rows
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
             delta = vb - va
             shown = f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.4f}"

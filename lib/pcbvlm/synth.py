@@ -78,9 +78,12 @@ def sample_id(index: int) -> tuple[str, str]:
 # The defect-free board
 
 
-def _draw_template(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[_Segment]]:
-    s = size / 640
-    img = Image.new("L", (size, size), BACKGROUND)
+def _draw_template(
+    rng: np.random.Generator, width: int, height: int, s: float
+) -> tuple[Image.Image, list[_Segment]]:
+    # Positions are drawn as fractions of the board, scaled per axis; sizes are scaled by s.
+    size = np.array([width, height], dtype=float)
+    img = Image.new("L", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     segments: list[_Segment] = []
 
@@ -100,8 +103,9 @@ def _draw_template(rng: np.random.Generator, size: int) -> tuple[Image.Image, li
         n = int(rng.integers(2, 5))
         width = float(rng.uniform(10, 18) * s)
         pitch = width + rng.uniform(12, 26) * s
-        start, length = rng.uniform(0, 0.4) * size, rng.uniform(0.4, 0.9) * size
-        offset = rng.uniform(0.1, 0.9) * size - (n - 1) * pitch / 2
+        along, across_extent = (width, height) if horizontal else (height, width)
+        start, length = rng.uniform(0, 0.4) * along, rng.uniform(0.4, 0.9) * along
+        offset = rng.uniform(0.1, 0.9) * across_extent - (n - 1) * pitch / 2
         for k in range(n):
             across = offset + k * pitch
             if horizontal:
@@ -164,8 +168,8 @@ def _at(mask: np.ndarray, p: np.ndarray) -> bool | None:
     return None
 
 
-def _shape(size: int, paint: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
-    layer = Image.new("L", (size, size), 0)
+def _shape(mask: np.ndarray, paint: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+    layer = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
     paint(ImageDraw.Draw(layer))
     return np.asarray(layer) > 0
 
@@ -192,7 +196,7 @@ def _clear_along(mask: np.ndarray, c: np.ndarray, n: np.ndarray, start: float, s
     return all(_at(mask, c + d * n) is False for d in np.arange(start, stop + 1e-9, 1.0))
 
 
-def _open(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], size: int) -> _Shape | None:
+def _open(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], s: float) -> _Shape | None:
     picked = _pick_on_trace(rng, segments, mask)
     if picked is None:
         return None
@@ -201,7 +205,7 @@ def _open(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], 
     # Only where the trace runs alone: both sides clear, so the cut really parts it.
     if not (_clear_along(mask, c, n, half + 4, half + 8) and _clear_along(mask, c, -n, half + 4, half + 8)):
         return None
-    gap = rng.uniform(3, 9) * size / 640
+    gap = rng.uniform(3, 9) * s
     reach = half + 3  # PIL draws diagonal lines a little wider than their nominal width
     corners = [
         c - u * gap / 2 - n * reach,
@@ -209,18 +213,18 @@ def _open(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], 
         c + u * gap / 2 + n * reach,
         c - u * gap / 2 + n * reach,
     ]
-    return _shape(size, lambda d: d.polygon([tuple(p) for p in corners], fill=255)), False
+    return _shape(mask, lambda d: d.polygon([tuple(p) for p in corners], fill=255)), False
 
 
 def _mousebite(
-    rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], size: int
+    rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], s: float
 ) -> _Shape | None:
     picked = _pick_on_trace(rng, segments, mask)
     if picked is None:
         return None
     seg, c = picked
     side = seg.normal * (1 if rng.random() < 0.5 else -1)
-    r = min(seg.width / 3, rng.uniform(2.5, 5.5) * size / 640)
+    r = min(seg.width / 3, rng.uniform(2.5, 5.5) * s)
     if not _clear_along(mask, c, side, seg.width / 2 + 2, seg.width / 2 + 2 * r + 4):
         return None
     k = int(rng.integers(2, 5))
@@ -235,15 +239,14 @@ def _mousebite(
             rr = r * rng.uniform(0.8, 1.2)
             d.ellipse([p[0] - rr, p[1] - rr, p[0] + rr, p[1] + rr], fill=255)
 
-    return _shape(size, paint), False
+    return _shape(mask, paint), False
 
 
-def _spur(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], size: int) -> _Shape | None:
+def _spur(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], s: float) -> _Shape | None:
     picked = _pick_on_trace(rng, segments, mask)
     if picked is None:
         return None
     seg, c = picked
-    s = size / 640
     side = seg.normal * (1 if rng.random() < 0.5 else -1)
     length, base = rng.uniform(6, 16) * s, rng.uniform(3, 7) * s
     half = seg.width / 2
@@ -254,15 +257,14 @@ def _spur(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], 
     tip = c + side * (half + length) + u * rng.uniform(-0.5, 0.5) * base
     root = c + side * (half - 2)
     corners = [root - u * base / 2, root + u * base / 2, tip + u * base * 0.15, tip - u * base * 0.15]
-    return _shape(size, lambda d: d.polygon([tuple(p) for p in corners], fill=255)), True
+    return _shape(mask, lambda d: d.polygon([tuple(p) for p in corners], fill=255)), True
 
 
-def _short(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], size: int) -> _Shape | None:
+def _short(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], s: float) -> _Shape | None:
     picked = _pick_on_trace(rng, segments, mask)
     if picked is None:
         return None
     seg, c = picked
-    s = size / 640
     side = seg.normal * (1 if rng.random() < 0.5 else -1)
     half = seg.width / 2
     # Walk out of this trace, then across the gap to the next conductor.
@@ -283,13 +285,12 @@ def _short(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment],
     wobble = seg.direction * rng.uniform(-0.3, 0.3) * width
     u = seg.direction
     corners = [a - u * width / 2, a + u * width / 2, b + u * width / 2 + wobble, b - u * width / 2 + wobble]
-    return _shape(size, lambda dr: dr.polygon([tuple(p) for p in corners], fill=255)), True
+    return _shape(mask, lambda dr: dr.polygon([tuple(p) for p in corners], fill=255)), True
 
 
-def _copper(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], size: int) -> _Shape | None:
-    s = size / 640
+def _copper(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], s: float) -> _Shape | None:
     radius = rng.uniform(3, 9) * s
-    centre = rng.uniform(0.05, 0.95, 2) * size
+    centre = rng.uniform(0.05, 0.95, 2) * np.array([mask.shape[1], mask.shape[0]])
     clearance = int(radius * 1.3 + 6 * s)
     x, y = int(centre[0]), int(centre[1])
     if mask[max(0, y - clearance) : y + clearance + 1, max(0, x - clearance) : x + clearance + 1].any():
@@ -300,23 +301,23 @@ def _copper(rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment]
     points = [
         (centre[0] + r * np.cos(a), centre[1] + r * np.sin(a)) for a, r in zip(angles, radii, strict=True)
     ]
-    return _shape(size, lambda d: d.polygon(points, fill=255)), True
+    return _shape(mask, lambda d: d.polygon(points, fill=255)), True
 
 
 def _pin_hole(
-    rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], size: int
+    rng: np.random.Generator, mask: np.ndarray, segments: list[_Segment], s: float
 ) -> _Shape | None:
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None
     i = int(rng.integers(0, len(xs)))
     x, y = int(xs[i]), int(ys[i])
-    r = rng.uniform(2, 5) * size / 640
+    r = rng.uniform(2, 5) * s
     # Entirely inside copper, with copper all round: a hole, not a bite out of an edge.
     ring = int(r + 3)
     if y - ring < 0 or x - ring < 0 or not mask[y - ring : y + ring + 1, x - ring : x + ring + 1].all():
         return None
-    return _shape(size, lambda d: d.ellipse([x - r, y - r, x + r, y + r], fill=255)), False
+    return _shape(mask, lambda d: d.ellipse([x - r, y - r, x + r, y + r], fill=255)), False
 
 
 _DEFECTS: dict[str, Callable[..., _Shape | None]] = {
@@ -343,18 +344,17 @@ def _place(
     copper: np.ndarray,
     test: np.ndarray,
     segments: list[_Segment],
-    size: int,
+    s: float,
 ) -> tuple[list[int] | None, np.ndarray, bool]:
     """One attempt at a defect of `label`: its box, the pixels it changes, and their new value."""
     nothing: tuple[None, np.ndarray, bool] = (None, np.zeros(0, bool), False)
-    drawn = _DEFECTS[label](rng, copper, segments, size)
+    drawn = _DEFECTS[label](rng, copper, segments, s)
     if drawn is None:
         return nothing
     shape, paint_copper = drawn
     changed = shape & (test != paint_copper)
     if changed.sum() < 6:  # too small to see: would teach the model to find nothing
         return nothing
-    s = size / 640
     ys, xs = np.nonzero(changed)
     margin = int(rng.integers(4, 9) * s) + 2
     box = [
@@ -365,7 +365,7 @@ def _place(
     ]
     # DeepPCB boxes are at least ~18 px a side: grow small ones around their centre.
     min_side = round(18 * s)
-    for lo, hi in ((0, 2), (1, 3)):
+    for (lo, hi), size in zip(((0, 2), (1, 3)), (copper.shape[1], copper.shape[0]), strict=True):
         short = min_side - (box[hi] - box[lo])
         if short > 0:
             box[lo] -= short // 2
@@ -378,15 +378,63 @@ def _place(
     return box, changed, paint_copper
 
 
-def generate_sample(index: int, seed: int = 0, size: int = 640) -> SynthSample:
-    """The index-th synthetic sample: template, test image and its annotated defects."""
+@dataclass(frozen=True)
+class Board:
+    """What a synthetic board looks like. The default is DeepPCB's: 640x640, 1-6 defects, listed in the
+    order they were drawn. `scale` sizes traces, pads and defects (1.0 = as on a 640 px DeepPCB scan;
+    default max(width, height) / 640, the whole board scaled down); a larger scale on a small board is a
+    zoomed-in crop: fewer, larger features. `order="reading"` lists the defects top to bottom, then left
+    to right (a fixed order is easier to learn than the drawing order)."""
+
+    width: int = 640
+    height: int = 640
+    scale: float | None = None
+    max_defects: int = 6
+    order: str = "drawn"
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.height) < 128:
+            raise DataError(
+                f"board {self.width}x{self.height}: each side must be at least 128 px (defects are drawn 3-40 px large)"
+            )
+        if self.scale is not None and not 0.1 <= self.scale <= 4:
+            raise DataError(f"board scale {self.scale}: must be between 0.1 and 4")
+        if not 1 <= self.max_defects <= 6:
+            raise DataError(f"max_defects {self.max_defects}: must be between 1 and 6")
+        if self.order not in ("drawn", "reading"):
+            raise DataError(f"order {self.order!r}: must be drawn or reading")
+
+    @property
+    def feature_scale(self) -> float:
+        return self.scale if self.scale is not None else max(self.width, self.height) / 640
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "scale": round(self.feature_scale, 4),
+            "max_defects": self.max_defects,
+            "order": self.order,
+        }
+
+
+def reading_order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Objects sorted by the top edge of their box, then the left edge."""
+    return sorted(objects, key=lambda obj: (obj["bbox"][1], obj["bbox"][0]))
+
+
+def generate_sample(index: int, seed: int = 0, size: int = 640, board: Board | None = None) -> SynthSample:
+    """The index-th synthetic sample: template, test image and its annotated defects. `board` (default:
+    a size x size DeepPCB-like board) sets the shape, feature scale, defect count and order."""
+    board = board or Board(size, size)
+    s = board.feature_scale
     rng = np.random.default_rng([seed, index])
-    template, segments = _draw_template(rng, size)
+    template, segments = _draw_template(rng, board.width, board.height, s)
     copper = np.asarray(template) < 128
     test = copper.copy()
     objects: list[dict[str, Any]] = []
     boxes: list[list[int]] = []
-    wanted = int(rng.integers(1, 7))
+    wanted = int(rng.integers(1, board.max_defects + 1))
     names = list(_DEFECTS)
     label, tries = "", 0
     # Past DEFECT_ATTEMPTS a board keeps what it has; only one without any defect keeps trying.
@@ -398,7 +446,7 @@ def generate_sample(index: int, seed: int = 0, size: int = 640) -> SynthSample:
         if not label or tries >= TRIES_PER_KIND:
             label, tries = names[int(rng.integers(0, len(names)))], 0
         tries += 1
-        box, changed, paint_copper = _place(label, rng, copper, test, segments, size)
+        box, changed, paint_copper = _place(label, rng, copper, test, segments, s)
         if box is None or _overlaps(box, boxes, gap=2):
             continue
         test[changed] = paint_copper
@@ -410,6 +458,8 @@ def generate_sample(index: int, seed: int = 0, size: int = 640) -> SynthSample:
     sid, group = sample_id(index)
     split = "test" if index % TEST_EVERY == TEST_EVERY - 1 else "trainval"
     test_img = Image.fromarray(np.where(test, COPPER, BACKGROUND).astype(np.uint8))
+    if board.order == "reading":
+        objects = reading_order(objects)
     return SynthSample(sid, group, split, template, test_img, objects)
 
 
@@ -432,13 +482,20 @@ def annotation_text(objects: list[dict[str, Any]]) -> str:
     )
 
 
-def iter_samples(num: int, seed: int = 0, size: int = 640) -> Iterator[SynthSample]:
+def iter_samples(
+    num: int, seed: int = 0, size: int = 640, board: Board | None = None
+) -> Iterator[SynthSample]:
     for index in range(num):
-        yield generate_sample(index, seed, size)
+        yield generate_sample(index, seed, size, board)
 
 
 def generate_dataset(
-    out_dir: str | Path, num: int, seed: int = 0, size: int = 640, progress: bool = False
+    out_dir: str | Path,
+    num: int,
+    seed: int = 0,
+    size: int = 640,
+    progress: bool = False,
+    board: Board | None = None,
 ) -> dict[str, Any]:
     """Write `num` samples as `out_dir/PCBData/...`; returns the summary (also written to synth.json).
 
@@ -459,7 +516,7 @@ def generate_dataset(
     counts = {"trainval": 0, "test": 0}
     boxes = dict.fromkeys(CLASS_NAMES.values(), 0)
     lines: dict[str, list[str]] = {"trainval": [], "test": []}
-    samples = iter_samples(num, seed, size)
+    samples = iter_samples(num, seed, size, board)
     if progress:
         from tqdm import tqdm
 
@@ -490,6 +547,7 @@ def generate_dataset(
             "num": num,
             "seed": seed,
             "size": size,
+            **({"board": board.describe()} if board is not None else {}),
             "samples": counts,
             "boxes": boxes,
         }

@@ -59,9 +59,11 @@ TINY_IMAGE_PIXELS = (16384, 65536)  # min/max: 128x128 .. 256x256 -> 16..64 visu
 def _training_corpus() -> list[str]:
     """Text the tiny tokenizer must encode compactly: prompts, labels, JSON answers, chat scaffolding."""
     from pcbvlm.config import DataConfig
+    from pcbvlm.samples import render_prompt
 
     data = DataConfig()
-    lines = [data.prompt, data.template_prompt, "system", "user", "assistant"]
+    prompts = [render_prompt(p, LABELS) for p in (data.prompt, data.template_prompt)]
+    lines = [*prompts, "system", "user", "assistant"]
     for label in LABELS:
         lines.append(f'[{{"bbox_2d": [12, 345, 678, 901], "label": "{label}"}}]')
     lines += [" ".join(str(i) for i in range(0, 1001, 7)), "[]", "```json", "```"]

@@ -1,9 +1,10 @@
-"""The training job: QLoRA (or LoRA) fine-tuning of Qwen3-VL with transformers' Trainer.
+"""The training job: QLoRA, LoRA or full-parameter fine-tuning of Qwen3-VL with transformers' Trainer.
 
 A run lives in `<runs_dir>/<YYYYmmdd-HHMMSS>-<identity>/`, where `identity` hashes what determines the
 result (model, data settings, LoRA, optimisation settings and the dataset files). `RESUME=auto` continues
 the newest unfinished run of the same identity from its newest complete checkpoint; `RESUME=no` starts a
-new run; `RESUME=<checkpoint or run folder>` continues that one. A finished run has `adapter/`.
+new run; `RESUME=<checkpoint or run folder>` continues that one. A finished run has `adapter/` (methods
+qlora and lora) or `model/` (method full: the whole fine-tuned model with its processor files).
 
 Each run folder holds: `config.resolved.yaml`, `manifest.json` (git commit, hashes, versions, GPU,
 times), `metrics.jsonl` (loss, lr, samples/s, tokens/s, peak VRAM, ETA), `tensorboard/`, the
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_DIR = "adapter"
-# Files a Trainer checkpoint of a peft model must hold to be resumable.
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+MODEL_DIR = "model"  # the output of a full-parameter run
+# Files a Trainer checkpoint must hold to be resumable: these, and the weights (WEIGHT_FILES: the adapter
+# of a peft model, or the whole model of a full-parameter run, in one file or sharded).
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # Settings that change how a run is watched or stored, not what it computes: not part of its identity.
 OPERATIONAL_TRAIN_KEYS = {
     "disk_reserve_gb",
@@ -77,7 +81,11 @@ def run_identity(cfg: Config, data_hash: str) -> str:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
+    return (
+        path.is_dir()
+        and all((path / name).is_file() for name in CHECKPOINT_FILES)
+        and any((path / name).is_file() for name in WEIGHT_FILES)
+    )
 
 
 def checkpoint_step(path: Path) -> int:
@@ -103,8 +111,16 @@ def adapter_folder(path: Path) -> Path | None:
     return None
 
 
+def full_model_folder(path: Path) -> Path | None:
+    """The model folder of a full-parameter run that `path` names: a run folder's model/, or model/ itself."""
+    for folder in (path / MODEL_DIR, path):
+        if folder.name == MODEL_DIR and (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() or full_model_folder(run_dir) is not None
 
 
 def list_runs(runs_dir: Path, identity: str | None = None) -> list[Path]:
@@ -135,7 +151,7 @@ def plan_run(cfg: Config, identity: str, resume: str) -> RunPlan:
         if target.name.startswith(CHECKPOINT_PREFIX):
             if not is_complete_checkpoint(target):
                 raise UserError(
-                    f"RESUME={resume}: not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})"
+                    f"RESUME={resume}: not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)} and the weights)"
                 )
             return RunPlan(target.parent, target)
         if not target.is_dir():
@@ -388,11 +404,28 @@ def answer_logits_trainer():
     """transformers' Trainer computing logits only where the loss needs them (see keep_answer_logits)."""
     from transformers import Trainer
 
-    from pcbvlm.collator import keep_answer_logits
+    from pcbvlm.collator import IGNORE_INDEX, keep_answer_logits
 
     class AnswerLogitsTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Qwen3-VL declares accepts_loss_kwargs=False (its forward ignores num_items_in_batch), so the
+            # Trainer would average each process's (and each accumulated micro-batch's) own token mean:
+            # 2 processes x micro-batch 2 would not train like 1 x 4. With this flag the Trainer counts
+            # the answer tokens of the whole optimizer step (all processes, all micro-batches) and
+            # compute_loss below weighs each micro-batch's mean by its share of them.
+            self.model_accepts_loss_kwargs = True
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return super().compute_loss(model, keep_answer_logits(inputs), return_outputs, num_items_in_batch)
+            inputs = keep_answer_logits(inputs)
+            if num_items_in_batch is None:  # evaluation
+                return super().compute_loss(model, inputs, return_outputs)
+            outputs = model(**inputs)
+            local_tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            loss = outputs.loss * local_tokens / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP / DeepSpeed average the gradients
+            return (loss, outputs) if return_outputs else loss
 
     return AnswerLogitsTrainer
 
@@ -408,6 +441,27 @@ def deepspeed_zero_stage() -> int | None:
     if config_file and Path(config_file).is_file():
         return int(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", 0))
     return None
+
+
+def launch_facts(state, device: str) -> dict[str, Any]:
+    """How many processes (and GPUs) this run uses, and how they talk: logged at start and kept in the
+    manifest, so a run launched with the wrong accelerate profile is visible at once."""
+    processes = state.num_processes
+    gpus = processes if device == "cuda" else 0
+    zero = deepspeed_zero_stage()
+    backend = state.backend or ("gloo" if processes > 1 else None)
+    how = f"DeepSpeed ZeRO-{zero}" if zero is not None else ("DDP" if processes > 1 else "single process")
+    where = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "CPU"
+    return {
+        "processes": processes,
+        "gpus": gpus,
+        "distributed": how,
+        "backend": backend,
+        "zero_stage": zero,
+        "description": f"{processes} process{'es' if processes != 1 else ''} ({where}, {how}"
+        + (f", {backend}" if processes > 1 and backend else "")
+        + ")",
+    }
 
 
 def build_training_arguments(cfg: Config, run_dir: Path, dtype: torch.dtype, device: str, has_eval: bool):
@@ -458,7 +512,6 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     from transformers import set_seed
 
     from pcbvlm.collator import TrainCollator
-    from pcbvlm.deeppcb import load_samples
     from pcbvlm.modeling import (
         apply_fused_kernels,
         apply_lora,
@@ -470,11 +523,15 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         use_fused_kernels,
     )
     from pcbvlm.processing import load_processor
+    from pcbvlm.samples import load_samples
 
     device = resolve_device(cfg)
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
     state = PartialState(cpu=device == "cpu")
     is_main = state.is_main_process
+    launch = launch_facts(state, device)
+    if is_main:
+        print(f"training on {launch['description']}", flush=True)
     data_dir = Path(cfg.paths.data_dir)
     train_rows = load_samples(data_dir, "train")
     # A run without val.jsonl (val_fraction 0) trains without eval loss.
@@ -485,7 +542,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     identity = run_identity(cfg, dataset_hash(data_dir))
     plan = agree_on_plan(plan_run(cfg, identity, resume))
     if plan.already_finished:
-        return TrainResult(plan.run_dir, plan.run_dir / ADAPTER_DIR, "already finished")
+        output = full_model_folder(plan.run_dir) or plan.run_dir / ADAPTER_DIR
+        return TrainResult(plan.run_dir, output, "already finished")
     run_dir = plan.run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -512,6 +570,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
         "packages": package_versions(),
         "gpu": gpu_facts(),
         "world_size": state.num_processes,
+        "launch": launch,
         "dtype": str(dtype).removeprefix("torch."),
         "fused_kernels": "liger" if fused else "none",
         "start": started,
@@ -538,7 +597,10 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     model = load_base_model(cfg, device=device, dtype=dtype, zero3=deepspeed_zero_stage() == 3)
     if fused:
         apply_fused_kernels(model, fused_cross_entropy=deepspeed_zero_stage() != 3)
-    model = apply_lora(model, cfg)
+    if cfg.train.method == "full":
+        enable_full_training(model, cfg)
+    else:
+        model = apply_lora(model, cfg)
     trainable, total = trainable_parameters(model)
     if is_main:
         log.info(
@@ -586,6 +648,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     )
     if guard.triggered_free is not None:
         result.status = "stopped by disk guard"
+    elif is_main and cfg.train.method == "full":
+        result.adapter_dir = save_full_model(trainer.model, processor, run_dir / MODEL_DIR)
     elif is_main:
         with atomic_directory(run_dir / ADAPTER_DIR, overwrite=True) as tmp:
             trainer.model.save_pretrained(tmp)
@@ -617,6 +681,26 @@ def train(cfg: Config, resume: str = "auto") -> TrainResult:
     return result
 
 
+def enable_full_training(model, cfg: Config) -> None:
+    """train.method full: every weight learns (no adapter); gradient checkpointing as configured."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save_full_model(model, processor, target: Path) -> Path:
+    """The fine-tuned model of a full-parameter run as a complete model folder (weights, config, generation
+    config, tokenizer with chat template, image processor), published atomically."""
+    if "use_cache" in model.config.to_dict():
+        model.config.use_cache = True  # switched off for training by load_base_model
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        processor.tokenizer.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)
+    return target
+
+
 def _last_train_loss(history: list[dict[str, Any]]) -> float | None:
     losses = [h["loss"] for h in history if "loss" in h]
     return losses[-1] if losses else None
@@ -629,7 +713,7 @@ def print_summary(result: TrainResult) -> None:
     table = Table(title=f"training: {result.status}", show_header=False)
     rows = [
         ("run", str(result.run_dir)),
-        ("adapter", str(result.adapter_dir) if result.adapter_dir else "-"),
+        ("adapter / model", str(result.adapter_dir) if result.adapter_dir else "-"),
         ("resumed from", result.resumed_from or "-"),
         ("steps", str(result.global_step)),
         ("last train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-"),

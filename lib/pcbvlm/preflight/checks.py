@@ -268,6 +268,7 @@ def run_checks(cfg: Config, job: str, facts: Facts, allow_cpu: bool = False) -> 
     checks += _check_disks(cfg, job, shape, facts)
     if job == "train":
         checks.append(_check_shm(cfg, facts))
+        checks.append(check_profile(cfg, facts, gpu_wanted and usable))
 
     # --- model, data, caches
     checks += _check_model(cfg, job, shape, facts)
@@ -393,7 +394,9 @@ def _gpu_estimate(cfg: Config, job: str, shape: ModelShape | None, facts: Facts)
     if job == "train":
         return est.estimate_train_vram(shape, cfg)
     if job == "eval":
-        return est.estimate_eval_vram(shape, cfg, weights=_eval_weights(facts))
+        return est.estimate_eval_vram(
+            shape, cfg, weights=_eval_weights(facts), packed_bytes=facts.quantized_bytes
+        )
     if job == "merge":
         return est.estimate_merge_memory(shape, cfg) if cfg.resources.merge_device == "cuda" else None
     return est.estimate_quantize_vram(shape, cfg)
@@ -422,7 +425,7 @@ def _check_vram(
     if job == "train":
         fix = est.suggest_train_fit(shape, cfg, free)
     elif job == "eval":
-        fix = est.suggest_eval_fit(shape, cfg, free, _eval_weights(facts))
+        fix = est.suggest_eval_fit(shape, cfg, free, _eval_weights(facts), facts.quantized_bytes)
     elif job == "quantize":
         fix = est.suggest_quantize_fit(shape, cfg, free)
     else:
@@ -540,6 +543,41 @@ def _common_path(paths: list[str]) -> str:
     import os.path
 
     return os.path.commonpath(paths) if paths else "?"
+
+
+def check_profile(cfg: Config, facts: Facts, on_gpu: bool) -> Check:
+    """The accelerate profile the job will launch (train.accelerate_profile, or PROFILE=): it exists,
+    has no more processes than GPUs, and is not ZeRO-3 with QLoRA."""
+    from pcbvlm.errors import ConfigError
+    from pcbvlm.launch import ZERO3_QLORA_REFUSAL, profile_settings
+
+    profile = cfg.train.accelerate_profile
+    try:
+        settings = profile_settings(profile)
+    except ConfigError as err:
+        return Check("accelerate profile", "fail", str(err), "make train PROFILE=<one of those>")
+    layout = est.layout_of(cfg)
+    how = {"single": "one process", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+    detail = (
+        f"{profile}: {layout.processes} process{'es' if layout.processes > 1 else ''}, {how[layout.kind]}"
+    )
+    if layout.kind == "zero3" and cfg.train.quantization == "nf4":
+        return Check(
+            "accelerate profile",
+            "fail",
+            f"{detail}: {ZERO3_QLORA_REFUSAL}",
+            "use PROFILE=zero2 or PROFILE=ddp",
+        )
+    gpus = len(facts.gpus)
+    uses_gpus = settings.get("distributed_type") != "NO" and not settings.get("use_cpu")
+    if on_gpu and uses_gpus and layout.processes > gpus:
+        return Check(
+            "accelerate profile",
+            "fail",
+            f"{detail}, but this host has {gpus} GPU{'s' if gpus != 1 else ''}",
+            f"set num_processes in config/accelerate/{profile}.yaml to the GPU count, or PROFILE=a800 for one GPU",
+        )
+    return Check("accelerate profile", "pass", detail)
 
 
 def _check_shm(cfg: Config, facts: Facts) -> Check:

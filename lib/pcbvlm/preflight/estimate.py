@@ -212,8 +212,9 @@ def estimate_train_vram(
     logit_tokens: int | None = None,
     uncheckpointed_layers: int | None = None,
     fused_cross_entropy: bool | None = None,
+    layout: Layout | None = None,
 ) -> Estimate:
-    """Peak GPU memory of one QLoRA/LoRA training step.
+    """Peak GPU memory of one QLoRA/LoRA training step, per GPU.
 
     `model`: a `ModelShape`, a transformers `Qwen3VLConfig` or a config.json dict (e.g.
     `pcbvlm.shapes.qwen3_vl_32b_config()`). `cfg` gives every other input (default: the schema's
@@ -228,8 +229,12 @@ def estimate_train_vram(
     activations are held (with train.uncheckpointed_layers, those layers hold theirs); the fp32
     logits/loss (`LOGITS_FP32_COPIES`), or with Liger's fused cross-entropy (train.fused_kernels) only
     one chunk of them; the vision tower's forward buffers; and the margin.
+
+    `layout` (default: the one `train.accelerate_profile` names, `layout_of`): several processes, one GPU
+    each, change the static terms only (each GPU runs its own micro-batch): see `_parallel_items`.
     """
     cfg = cfg or Config()
+    layout = layout or layout_of(cfg)
     shape = ModelShape.from_config(model)
     counts = count_parameters(shape)
     mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
@@ -248,18 +253,33 @@ def estimate_train_vram(
     tokens = mb * seq
 
     items = _weight_items(shape, counts, quant, act)
-    lora = lora_parameters(shape, r, targets, cfg.lora.train_merger)
-    items += [
-        Item("LoRA weights (fp32)", lora * LORA_PARAM_BYTES, f"{lora / 1e6:.0f} M params, r={r}"),
-        # With grad_accum > 1 the gradients of the previous micro-steps are alive at the peak; with 1 they
-        # are allocated during the backward pass, after the logits are freed.
-        Item("LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, f"kept across {accum} micro-steps")
-        if accum > 1
-        else Item(
-            "LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, "filled after the logits are freed", "transient"
-        ),
-        Item("AdamW moments (fp32 m, v)", lora * ADAM_STATE_BYTES, "8 B per LoRA param"),
-    ]
+    lora = 0
+    if cfg.train.method == "full":
+        # Every parameter learns: its gradient (weight dtype) and two fp32 AdamW moments, no adapter.
+        items += [
+            Item(
+                "gradients (all parameters)",
+                counts.total * act,
+                f"{counts.total / 1e6:.0f} M params, method full",
+            ),
+            Item("AdamW moments (fp32 m, v)", counts.total * ADAM_STATE_BYTES, "8 B per parameter"),
+        ]
+    else:
+        lora = lora_parameters(shape, r, targets, cfg.lora.train_merger)
+        items += [
+            Item("LoRA weights (fp32)", lora * LORA_PARAM_BYTES, f"{lora / 1e6:.0f} M params, r={r}"),
+            # With grad_accum > 1 the gradients of the previous micro-steps are alive at the peak; with 1 they
+            # are allocated during the backward pass, after the logits are freed.
+            Item("LoRA gradients (fp32)", lora * LORA_GRAD_BYTES, f"kept across {accum} micro-steps")
+            if accum > 1
+            else Item(
+                "LoRA gradients (fp32)",
+                lora * LORA_GRAD_BYTES,
+                "filled after the logits are freed",
+                "transient",
+            ),
+            Item("AdamW moments (fp32 m, v)", lora * ADAM_STATE_BYTES, "8 B per LoRA param"),
+        ]
     per_token_layer = layer_activation_bytes_per_token(shape, act, targets, attn, seq, cfg.lora.dropout)
     keep = min(
         uncheckpointed_layers if uncheckpointed_layers is not None else cfg.train.uncheckpointed_layers,
@@ -334,8 +354,11 @@ def estimate_train_vram(
                 "transient",
             )
         )
+    items = _parallel_items(items, layout, lora, shape, counts, quant, act)
     items.append(Item("CUDA context + fragmentation", margin * GIB, "resources.vram_margin_gib", "margin"))
     inputs = {
+        "layout": layout.kind,
+        "processes": layout.processes,
         "micro_batch": mb,
         "seq_len": seq,
         "quantization": quant,
@@ -350,8 +373,111 @@ def estimate_train_vram(
         "max_pixels": cfg.data.max_pixels,
         "params_total": counts.total,
         "lora_params": lora,
+        "method": cfg.train.method,
     }
-    return _peak(f"train step, micro_batch {mb}", "gpu", items, inputs)
+    where = f", per GPU ({layout.kind}, {layout.processes} processes)" if layout.processes > 1 else ""
+    return _peak(f"train step, micro_batch {mb}{where}", "gpu", items, inputs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the training job spreads over the GPUs of one machine (an accelerate profile): `single` (one
+    process), `ddp` (a full copy per GPU), `zero2` (DeepSpeed: optimizer state and gradients sharded),
+    `zero3` (parameters sharded too)."""
+
+    kind: Literal["single", "ddp", "zero2", "zero3"] = "single"
+    processes: int = 1
+
+
+def layout_of(cfg: Config, profile: str | None = None) -> Layout:
+    """The layout of `config/accelerate/<profile>.yaml` (default: train.accelerate_profile); a profile
+    that does not exist counts as one process (the preflight's profile check reports it)."""
+    from pcbvlm.errors import ConfigError
+    from pcbvlm.launch import profile_settings
+
+    try:
+        settings = profile_settings(profile or cfg.train.accelerate_profile)
+    except ConfigError:
+        return Layout()
+    processes = int(settings.get("num_processes", 1) or 1)
+    if "zero_stage" in settings:
+        return Layout("zero3" if settings["zero_stage"] == 3 else "zero2", processes)
+    if processes > 1:
+        return Layout("ddp", processes)
+    return Layout()
+
+
+def _replace(items: list[Item], name: str, *new: Item) -> list[Item]:
+    index = next(i for i, item in enumerate(items) if item.name == name)
+    return items[:index] + list(new) + items[index + 1 :]
+
+
+def _parallel_items(
+    items: list[Item],
+    layout: Layout,
+    lora: int,
+    shape: ModelShape,
+    counts: ParamCounts,
+    quantization: str,
+    act_bytes: int,
+) -> list[Item]:
+    """The static terms of one GPU under `layout` (activations do not change: each GPU runs its own
+    micro-batch). Checked against 2 H200s (BENCHMARKS.md, "Several GPUs"):
+
+    - ddp: everything of one process, plus DDP's gradient buckets (a second fp32 copy of the LoRA
+      gradients that NCCL all-reduces); the gradients are alive with them at the end of the backward pass.
+    - zero2: DeepSpeed casts the trainable (LoRA) weights to bf16 and keeps an fp32 master copy; the
+      master copy, the AdamW moments and the fp32 gradients are sharded over the N processes; the bf16
+      gradients are whole on every GPU until they are reduced.
+    - zero3: the base weights are sharded too (1/N each), and the layers being computed are gathered
+      whole: two decoder layers' weights (the current one and the prefetched next) in their storage.
+    """
+    n = layout.processes
+    if layout.kind == "single" or n < 1:
+        return items
+    grads = next(i for i in items if i.name == "LoRA gradients (fp32)")
+    if layout.kind == "ddp":
+        items = _replace(
+            items, grads.name, Item(grads.name, grads.bytes, "alive with the DDP buckets", "static")
+        )
+        return items + [
+            Item(
+                "DDP gradient buckets (fp32)",
+                lora * LORA_GRAD_BYTES,
+                "the LoRA gradients that NCCL all-reduces",
+            )
+        ]
+    items = _replace(
+        items,
+        "LoRA weights (fp32)",
+        Item("LoRA weights (bf16)", lora * 2, "DeepSpeed casts the trainable weights to bf16"),
+        Item(f"fp32 master weights (1/{n})", lora * LORA_PARAM_BYTES / n, "sharded (ZeRO)"),
+    )
+    items = _replace(
+        items,
+        grads.name,
+        Item("LoRA gradients (bf16)", lora * 2, "whole until reduced"),
+        Item(f"fp32 gradients (1/{n})", lora * LORA_GRAD_BYTES / n, "sharded (ZeRO-2)"),
+    )
+    items = _replace(
+        items,
+        "AdamW moments (fp32 m, v)",
+        Item(f"AdamW moments (1/{n})", lora * ADAM_STATE_BYTES / n, "sharded (ZeRO)"),
+    )
+    if layout.kind == "zero3":
+        weights = [
+            i for i in items if i.name.startswith(("LM decoder linears", "embeddings", "vision tower"))
+        ]
+        for item in weights:
+            items = _replace(
+                items, item.name, Item(f"{item.name} (1/{n})", item.bytes / n, "sharded (ZeRO-3)")
+            )
+        per_layer = sum(a * b for a, b in shape.decoder_linears().values())
+        layer_bytes = per_layer * (NF4_BITS / 8 if quantization == "nf4" else act_bytes)
+        items.append(
+            Item("gathered layers (ZeRO-3)", 2 * layer_bytes, "the current and the prefetched layer")
+        )
+    return items
 
 
 def fused_kernels_expected(cfg: Config) -> bool:
@@ -460,12 +586,20 @@ def suggest_train_fit(model: Any, cfg: Config, free_bytes: float) -> str:
 
 
 def estimate_eval_vram(
-    model: Any, cfg: Config | None = None, *, batch_size: int | None = None, weights: str = "w4a16"
+    model: Any,
+    cfg: Config | None = None,
+    *,
+    batch_size: int | None = None,
+    weights: str = "w4a16",
+    packed_bytes: float | None = None,
 ) -> Estimate:
     """Peak GPU memory of batched generation.
 
-    Weights: `w4a16` (the AWQ output: 4 bits + one bf16 scale per quantize.group_size weights for the
-    decoder linears) or `nf4` (the QLoRA base plus the fp32 adapter); bf16 for the rest. KV cache:
+    Weights: `w4a16` (the AWQ output, run packed by `pcbvlm.int4`: 4 bits + one bf16 scale per
+    quantize.group_size weights for the decoder linears, bf16 for the rest; `packed_bytes`, the
+    quantized folder's safetensors, replaces the computed size when the folder exists; the tinygemm
+    layout adds a bf16 zero per group, and a many-row matmul one layer's weight in bf16) or
+    `nf4` (the QLoRA base plus the fp32 adapter; bf16 for the rest). KV cache:
     batch x (prompt + max_new_tokens) x layers x 2 (k, v) x kv heads x head_dim x 2 B. Transient: the
     prefill of one layer (batch x prompt tokens x (3 x intermediate + hidden) x 2 B) or the vision tower.
     """
@@ -476,11 +610,30 @@ def estimate_eval_vram(
     prompt = sample_tokens(cfg, shape) - ANSWER_TOKENS
     context = prompt + cfg.eval.max_new_tokens
     if weights == "w4a16":
-        bits = 4 + 16 / cfg.quantize.group_size
-        items = [
-            Item("LM decoder linears (W4A16)", counts.lm_linears * bits / 8, f"{bits:.3f} bit, AWQ"),
-            Item("vision + embeddings + lm_head (bf16)", counts.not_quantized * 2, "left unquantized"),
-        ]
+        group = cfg.quantize.group_size
+        bits = 4 + 16 / group
+        if packed_bytes:
+            items = [
+                Item(
+                    "quantized model as stored (W4A16 packed, rest bf16)",
+                    packed_bytes,
+                    "the safetensors of outputs/quantized, loaded without unpacking",
+                )
+            ]
+        else:
+            items = [
+                Item("LM decoder linears (W4A16)", counts.lm_linears * bits / 8, f"{bits:.3f} bit, AWQ"),
+                Item("vision + embeddings + lm_head (bf16)", counts.not_quantized * 2, "left unquantized"),
+            ]
+        if cfg.eval.int4_kernel == "tinygemm":
+            items.append(
+                Item("int4 kernel zero offsets (bf16)", counts.lm_linears / group * 2, "tinygemm layout")
+            )
+        # Prefill and batched steps read one layer's weight back to bf16 at a time (both layouts).
+        biggest = max(a * b for a, b in shape.decoder_linears().values())
+        items.append(
+            Item("one linear read back to bf16", biggest * 2, "int4 layer during a many-row matmul", "held")
+        )
     else:
         items = _weight_items(shape, counts, "nf4", 2)
         lora = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules, cfg.lora.train_merger)
@@ -615,13 +768,16 @@ def suggest_quantize_fit(model: Any, cfg: Config, free_bytes: float) -> str:
     return f"{head}: nothing fits (use a larger GPU, or free it)"
 
 
-def suggest_eval_fit(model: Any, cfg: Config, free_bytes: float, weights: str) -> str:
-    need = estimate_eval_vram(model, cfg, weights=weights)
+def suggest_eval_fit(
+    model: Any, cfg: Config, free_bytes: float, weights: str, packed_bytes: float | None = None
+) -> str:
+    need = estimate_eval_vram(model, cfg, weights=weights, packed_bytes=packed_bytes)
     head = (
         f"eval batch {cfg.eval.batch_size} needs ~{need.total_gib:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
     )
     for batch in range(cfg.eval.batch_size - 1, 0, -1):
-        if estimate_eval_vram(model, cfg, batch_size=batch, weights=weights).total_bytes <= free_bytes:
+        fits = estimate_eval_vram(model, cfg, batch_size=batch, weights=weights, packed_bytes=packed_bytes)
+        if fits.total_bytes <= free_bytes:
             return f"{head}: eval.batch_size={batch} fits"
     return f"{head}: nothing fits even at batch 1 (use a larger GPU, or free it)"
 

@@ -89,6 +89,7 @@ class Facts(_Fact):
     packages: dict[str, PackageFact] = {}
     adapters: list[str] = []  # final adapters under runs_dir (<run>/adapter or <run>/final)
     outputs: dict[str, bool] = {}  # merged, quantized: present under outputs_dir
+    quantized_bytes: float = 0.0  # safetensors of outputs_dir/quantized: packed int4 + the bf16 rest
     notes: list[str] = Field(default_factory=list)
 
     @property
@@ -198,6 +199,8 @@ def measure_facts(cfg: Config, job: str, skip: set[str] = frozenset()) -> Facts:
     facts["adapters"] = find_adapters(cfg.paths.runs_dir)
     out = cfg.paths.outputs_dir
     facts["outputs"] = {name: (out / name / "config.json").is_file() for name in ("merged", "quantized")}
+    if facts["outputs"]["quantized"]:
+        facts["quantized_bytes"] = sum(f.stat().st_size for f in (out / "quantized").glob("*.safetensors"))
     return Facts.model_validate(facts)
 
 
