@@ -1,15 +1,22 @@
 # pcbvlm images. One Dockerfile, two targets that run the very same steps (stage `common`) and differ only in
 # the base image and the lock, i.e. in the torch build:
 #
-#   cuda (default target)  the job image. BASE_IMAGE defaults to a CUDA 13.0 runtime on Ubuntu 22.04, because
-#                          PyPI's torch 2.13.0 in requirements/cuda.lock is built for CUDA 13.0 (its
-#                          nvidia-*-cu13 wheels bring the CUDA libraries). The host needs NVIDIA driver >= 580
-#                          (CUDA 13.0) and the NVIDIA Container Toolkit.
+#   cuda (default target)  the job image, for one of two CUDA stacks (CUDA_STACK; README "Requirements"):
+#                          13: requirements/cuda.lock, PyPI's torch 2.13.0 for CUDA 13.0, NVIDIA driver >= 580;
+#                              base nvidia/cuda:13.0.2-runtime-ubuntu22.04 (the default), tag pcbvlm:cuda13
+#                          12: requirements/cuda12.lock, PyPI's torch 2.10.0 for CUDA 12.8, driver >= 525;
+#                              base nvidia/cuda:12.8.1-runtime-ubuntu22.04, tag pcbvlm:cuda12
+#                          torch's nvidia-* wheels bring the CUDA libraries, so any Debian/Ubuntu base with Python
+#                          3.11 works too (`make check-images` builds both on a debootstrapped Debian 12, offline).
+#                          The host needs the NVIDIA Container Toolkit.
 #   cpu                    tests and the demo: torch 2.13.0+cpu from requirements/cpu.lock on
 #                          python:3.11-slim-bookworm.
 #
-# `make build` / `make build-cpu` pass the right BASE_IMAGE and LOCK for each target. By hand:
-#   docker build --target cuda -t pcbvlm:cuda .
+# `make build` (the stack of the host's driver, or CUDA_STACK=12|13) / `make build-cpu` pass the right BASE_IMAGE
+# and LOCK for each target. By hand:
+#   docker build --target cuda -t pcbvlm:cuda13 .
+#   docker build --target cuda --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04 \
+#       --build-arg LOCK=requirements/cuda12.lock -t pcbvlm:cuda12 .
 #   docker build --target cpu --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
 #       --build-arg LOCK=requirements/cpu.lock -t pcbvlm:cpu .
 # (a target built with the other target's lock stops at its last step with a message saying so).
@@ -19,7 +26,7 @@
 #
 # Build arguments (all optional):
 #   BASE_IMAGE           base image; a site without Docker Hub passes its own (a mirror, or a local image)
-#   LOCK                 requirements/cuda.lock or requirements/cpu.lock
+#   LOCK                 requirements/cuda.lock, requirements/cuda12.lock or requirements/cpu.lock
 #   UID, GID             the user the image runs as (default 1000; `make build` passes yours)
 #   PIP_INDEX_URL        package index or mirror, e.g. https://pypi.tuna.tsinghua.edu.cn/simple
 #   PIP_EXTRA_INDEX_URL  a second index (make build-cpu: PyTorch's CPU index, where torch 2.13.0+cpu lives)
@@ -130,5 +137,9 @@ RUN python -c "import sys, torch; print('torch', torch.__version__); sys.exit(No
 
 FROM common AS cuda
 LABEL org.opencontainers.image.title="pcbvlm-cuda" \
-      org.opencontainers.image.description="pcbvlm jobs: torch 2.13.0 for CUDA 13.0 (NVIDIA driver >= 580), Python 3.11"
-RUN python -c "import sys, torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(None if (torch.version.cuda or '').startswith('13.0') else 'error: the cuda target needs LOCK=requirements/cuda.lock (make build)')"
+      org.opencontainers.image.description="pcbvlm jobs: torch 2.13.0 for CUDA 13.0 (driver >= 580) or torch 2.10.0 for CUDA 12.8 (driver >= 525), Python 3.11"
+# The NVIDIA Container Toolkit would refuse a driver older than the nvidia/cuda base's CUDA unless its branch is
+# listed in the base's NVIDIA_REQUIRE_CUDA; the CUDA 12 stack runs on any driver >= 525 (minor-version
+# compatibility), and `make preflight` checks the driver against torch.version.cuda and names the build that fits.
+ENV NVIDIA_DISABLE_REQUIRE=1
+RUN python -c "import sys, torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(None if torch.version.cuda else 'error: the cuda target needs a CUDA lock, requirements/cuda.lock or requirements/cuda12.lock (make build)')"

@@ -18,13 +18,32 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 CONFIG      ?= config/config.yaml
 SET         ?=
-LOCK        ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/cuda.lock,requirements/cpu.lock)
+# The CUDA stack (README "Requirements"; lib/pcbvlm/stacks.py): 13 = requirements/cuda.lock (torch 2.13.0, CUDA 13.0,
+# driver >= 580), 12 = requirements/cuda12.lock (torch 2.10.0, CUDA 12.8, driver >= 525), chosen from the driver
+# nvidia-smi reports; cpu = requirements/cpu.lock where there is no nvidia-smi. CUDA_STACK=12|13 overrides (also in
+# .env). Asked once per make run; not in the image, whose environment was installed when it was built.
+ifeq ($(PCBVLM_IN_IMAGE),)
+STACK       := $(shell $(or $(shell command -v $(PYTHON) python3 2>/dev/null | head -n1),python3) lib/pcbvlm/stacks.py --stack '$(CUDA_STACK)')
+else
+STACK       := $(CUDA_STACK)
+endif
+STACK_LOCK_13  := requirements/cuda.lock
+STACK_LOCK_12  := requirements/cuda12.lock
+STACK_LOCK_cpu := requirements/cpu.lock
+LOCK        ?= $(STACK_LOCK_$(STACK))
+# The job image's stack: this host's, or 13 on a host without an NVIDIA driver (building for another machine).
+IMAGE_STACK := $(if $(filter 12,$(STACK)),12,13)
+CUDA_LOCK   ?= $(STACK_LOCK_$(IMAGE_STACK))
 # Where pip finds wheels that are not on the index (this project's CPU torch build, an offline wheelhouse).
 FIND_LINKS  ?= $(firstword $(wildcard /opt/wheels wheelhouse))
-JOB_IMAGE   ?= pcbvlm:cuda
+JOB_IMAGE   ?= pcbvlm:cuda$(IMAGE_STACK)
 TEST_IMAGE  ?= pcbvlm:cpu
 # Images (make build, build-cpu; see Dockerfile). BASE_IMAGE=... on the command line overrides one build's base.
-CUDA_BASE_IMAGE ?= nvidia/cuda:13.0.2-runtime-ubuntu22.04
+# Where no registry is reachable, any Debian/Ubuntu base with Python 3.11 works: torch's nvidia-* wheels bring the
+# CUDA libraries (make check-images builds both stacks on a debootstrapped Debian 12).
+CUDA_BASE_IMAGE_13 := nvidia/cuda:13.0.2-runtime-ubuntu22.04
+CUDA_BASE_IMAGE_12 := nvidia/cuda:12.8.1-runtime-ubuntu22.04
+CUDA_BASE_IMAGE ?= $(CUDA_BASE_IMAGE_$(IMAGE_STACK))
 CPU_BASE_IMAGE  ?= python:3.11-slim-bookworm
 # torch 2.13.0+cpu is on PyTorch's CPU index, not on PyPI: online CPU builds add it as an extra index.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -94,7 +113,7 @@ q = '$(subst ','"'"',$(1))'
 failed = { code=$$?; echo "error: $(1) exited with code $$code ($$(case $$code in 1) echo a check or stage failed;; 2) echo bad input;; 3) echo disk guard: saved and stopped, run again to resume;; 130) echo interrupted;; *) echo see above;; esac))" >&2; exit $$code; }
 
 .PHONY: help setup lock preflight data synth train merge quantize eval infer clean-cache learn demo test lint \
-        mutation build build-cpu shell bench clean wheelhouse compose-dirs ui
+        mutation build build-cpu shell bench clean wheelhouse compose-dirs ui check-images
 
 help: ## list the targets
 	@echo "pcbvlm - fine-tune Qwen3-VL on DeepPCB. Usage: make <target> [CONFIG=...] [SET=\"k=v ...\"] [RUNNER=docker|local]"
@@ -104,9 +123,11 @@ help: ## list the targets
 # ---------------------------------------------------------------------------------------------------------
 # Environment
 
-setup: $(VENV)/.installed ## create .venv from the lock (CPU lock here, CUDA lock where nvidia-smi exists)
+setup: $(VENV)/.installed ## create .venv from the lock of this host's stack (CUDA_STACK=12|13 overrides; cpu without nvidia-smi)
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
+	@test -n "$(LOCK)" || { echo "error: no lock for this host (see the error above); give CUDA_STACK=12|13 or LOCK=requirements/<x>.lock"; exit 2; }
+	@echo "==> setup: $(LOCK) (CUDA stack: $(or $(STACK),?))"
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
@@ -120,6 +141,8 @@ lock: ## re-resolve requirements/*.in into the hashed locks (uv; needs PyPI)
 	    --find-links /opt/wheels --generate-hashes --no-header -o requirements/cpu.lock
 	$(VENV)/bin/uv pip compile requirements/cuda.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	    --generate-hashes --no-header -o requirements/cuda.lock
+	$(VENV)/bin/uv pip compile requirements/cuda12.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	    --generate-hashes --no-header -o requirements/cuda12.lock
 
 # ---------------------------------------------------------------------------------------------------------
 # Jobs
@@ -237,8 +260,9 @@ define docker_build
 	    $(DOCKER_BUILD_ARGS) .
 endef
 
-build: ## build the CUDA job image JOB_IMAGE [BASE_IMAGE= PIP_INDEX_URL= APT_MIRROR= WHEELHOUSE=dir]
-	$(call docker_build,cuda,$(JOB_IMAGE),$(or $(BASE_IMAGE),$(CUDA_BASE_IMAGE)),requirements/cuda.lock,$(PIP_EXTRA_INDEX_URL))
+build: ## build the CUDA job image JOB_IMAGE for this host's stack [CUDA_STACK=12|13 BASE_IMAGE= PIP_INDEX_URL= APT_MIRROR= WHEELHOUSE=dir]
+	@echo "==> build: CUDA $(IMAGE_STACK) stack ($(CUDA_LOCK)) on $(or $(BASE_IMAGE),$(CUDA_BASE_IMAGE)) as $(JOB_IMAGE)"
+	$(call docker_build,cuda,$(JOB_IMAGE),$(or $(BASE_IMAGE),$(CUDA_BASE_IMAGE)),$(CUDA_LOCK),$(PIP_EXTRA_INDEX_URL))
 
 build-cpu: ## build the CPU test image TEST_IMAGE (the same steps on a CPU base, torch +cpu)
 	$(call docker_build,cpu,$(TEST_IMAGE),$(or $(BASE_IMAGE),$(CPU_BASE_IMAGE)),requirements/cpu.lock,$(if $(WHEELHOUSE),,$(or $(PIP_EXTRA_INDEX_URL),$(TORCH_CPU_INDEX))))
@@ -257,12 +281,16 @@ PIP_DOWNLOAD = $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip download --disable
 # The isolated build of deepspeed's sdist needs setuptools (the lock's version) and wheel.
 WHEEL_VERSION ?= 0.45.1
 
-wheelhouse: ## download every file of LOCK (+ setuptools/wheel, + torch from FIND_LINKS) into WHEELHOUSE_DIR
+wheelhouse: ## download every file of LOCK (this host's stack; CUDA_STACK=12|13) (+ setuptools/wheel, + torch from FIND_LINKS) into WHEELHOUSE_DIR
 	@mkdir -p $(WHEELHOUSE_DIR)
 	$(PIP_DOWNLOAD) --require-hashes $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -d $(WHEELHOUSE_DIR) -r $(LOCK)
 	$(PIP_DOWNLOAD) -d $(WHEELHOUSE_DIR) \
 	    setuptools==$(shell sed -n 's/^setuptools==\([^ ]*\).*/\1/p' $(LOCK)) wheel==$(WHEEL_VERSION)
 	@echo "wheelhouse: $$(ls $(WHEELHOUSE_DIR) | wc -l) files, $$(du -sh $(WHEELHOUSE_DIR) | cut -f1), for $(LOCK)"
+
+# Needs root and several GB per stack (README "Containers"): too slow and too big for CI (.ci/run), run by hand.
+check-images: ## build the CUDA 12 and 13 job images offline, run make test / make demo / imports in each [STACKS="12 13"]
+	STACKS="$(or $(STACKS),12 13)" .ci/check-images
 
 clean: ## remove caches of the tools (not data, checkpoints or outputs)
 	rm -rf .pytest_cache .ruff_cache

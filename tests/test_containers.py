@@ -24,6 +24,9 @@ ENV_EXAMPLE = ROOT / ".env.example"
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
 # make's per-run arguments, passed through to the containers; documented in the README, not site settings.
 PER_RUN_VARS = {"CONFIG", "SET", "PYTEST_ARGS"}
+# What the Makefile derives from the CUDA stack and exports (compose reads them): under `make test` they are in
+# the tests' environment, with the values of the stack of that make run, so each `make -n` below starts without.
+STACK_VARS = ("CUDA_STACK", "STACK", "IMAGE_STACK", "LOCK", "CUDA_LOCK", "JOB_IMAGE", "CUDA_BASE_IMAGE")
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +100,11 @@ def test_services_users_profiles_and_commands(compose):
         assert svc["user"] == "${UID:-1000}:${GID:-1000}"
         assert svc["env_file"] == [{"path": ".env", "required": False}]
     # the images and their targets
-    assert job["build"]["target"] == "cuda" and job["build"]["args"]["LOCK"] == "requirements/cuda.lock"
+    # (make passes the CUDA 12 stack's tag, base and lock where the driver is older than 580)
+    assert job["build"]["target"] == "cuda"
+    assert job["build"]["args"]["LOCK"] == "${CUDA_LOCK:-requirements/cuda.lock}"
     assert test["build"]["target"] == "cpu" and test["build"]["args"]["LOCK"] == "requirements/cpu.lock"
-    assert job["image"] == "${JOB_IMAGE:-pcbvlm:cuda}" and test["image"] == "${TEST_IMAGE:-pcbvlm:cpu}"
+    assert job["image"] == "${JOB_IMAGE:-pcbvlm:cuda13}" and test["image"] == "${TEST_IMAGE:-pcbvlm:cpu}"
     # tests: CPU image, no GPU, offline, `make test` inside
     assert "deploy" not in test and test["network_mode"] == "none"
     assert test["command"] == ["make", "test"] and test["environment"]["HF_HUB_OFFLINE"] == "1"
@@ -200,31 +205,43 @@ def test_targets_share_one_path_except_base_and_lock():
     assert any(i.startswith("ARG LOCK=requirements/cuda.lock") for i in common)
     assert any("--require-hashes" in i and "requirements.lock" in i for i in common)
     assert any(i.startswith("USER ") for i in common) and any("PCBVLM_IN_IMAGE=1" in i for i in common)
-    # the targets add nothing but a label and a check of the torch build
+    # the targets add nothing but a label and a check of the torch build; cuda also lets the NVIDIA Container
+    # Toolkit start it on any driver (the CUDA 12 stack runs on 525+; the preflight checks the driver)
     for _, name, instructions in stages[2:]:
         kinds = sorted(i.split()[0].upper() for i in instructions)
-        assert kinds == ["LABEL", "RUN"], (name, kinds)
+        assert kinds == (["ENV", "LABEL", "RUN"] if name == "cuda" else ["LABEL", "RUN"]), (name, kinds)
         run = next(i for i in instructions if i.upper().startswith("RUN"))
         assert "import sys, torch" in run and "pip" not in run and "apt" not in run
+        if name == "cuda":
+            assert (
+                next(i for i in instructions if i.upper().startswith("ENV")) == "ENV NVIDIA_DISABLE_REQUIRE=1"
+            )
 
 
-def test_base_images_and_cuda_version_agree_everywhere():
-    files = {p: (ROOT / p).read_text() for p in ("Dockerfile", "Makefile", "compose.yaml", ".env.example")}
-    cuda = set().union(
-        *(_defaults(files[p], "CUDA_BASE_IMAGE") for p in ("Makefile", "compose.yaml", ".env.example"))
-    )
-    cuda |= _defaults(files["Dockerfile"], "BASE_IMAGE")
-    assert len(cuda) == 1, cuda
-    cuda_image = cuda.pop()
+def _make_value(text: str, name: str) -> str:
+    m = re.search(rf"^{name}\s*[:?]?=\s*(\S+)$", text, re.MULTILINE)
+    assert m, f"Makefile: no {name}"
+    return m.group(1)
+
+
+@pytest.mark.parametrize(
+    "stack, lock", [("13", "requirements/cuda.lock"), ("12", "requirements/cuda12.lock")]
+)
+def test_base_images_and_cuda_version_agree_everywhere(stack, lock):
+    files = {p: (ROOT / p).read_text() for p in ("Dockerfile", "Makefile", "compose.yaml")}
+    cuda_image = _make_value(files["Makefile"], f"CUDA_BASE_IMAGE_{stack}")
+    assert _make_value(files["Makefile"], f"STACK_LOCK_{stack}") == lock
     m = re.match(r"nvidia/cuda:(\d+\.\d+)\.\d+-(?:cudnn-)?runtime-ubuntu22\.04$", cuda_image)
     assert m, cuda_image
-    lock = (ROOT / "requirements/cuda.lock").read_text()
-    assert re.search(rf"^nvidia-cuda-runtime=={re.escape(m.group(1))}\.", lock, re.MULTILINE), (
-        f"{cuda_image} does not match the CUDA of torch in requirements/cuda.lock"
+    text = (ROOT / lock).read_text()
+    assert re.search(rf"^nvidia-cuda-runtime(-cu12)?=={re.escape(m.group(1))}\.", text, re.MULTILINE), (
+        f"{cuda_image} does not match the CUDA of torch in {lock}"
     )
-    cpu = set().union(
-        *(_defaults(files[p], "CPU_BASE_IMAGE") for p in ("Makefile", "compose.yaml", ".env.example"))
-    )
+    if stack == "13":  # the defaults of a plain `docker build` and `docker compose build`
+        assert _defaults(files["Dockerfile"], "BASE_IMAGE") == {cuda_image}
+        assert _defaults(files["compose.yaml"], "CUDA_BASE_IMAGE") == {cuda_image}
+        assert _defaults(files["compose.yaml"], "CUDA_LOCK") == {lock}
+    cpu = set().union(*(_defaults(files[p], "CPU_BASE_IMAGE") for p in ("Makefile", "compose.yaml")))
     assert cpu == {"python:3.11-slim-bookworm"}, cpu
 
 
@@ -263,7 +280,8 @@ def test_hadolint_passes():
 def _make_n(*args: str) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL")}
+    drop = ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL", *STACK_VARS)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(
         ["make", "-n", "--no-print-directory", *args],
         cwd=ROOT,
@@ -308,8 +326,108 @@ def test_build_targets():
     assert "--target cpu" in cpu and "--build-arg LOCK=requirements/cpu.lock" in cpu
     assert "--build-arg BASE_IMAGE=local/bookworm" in cpu
     assert "--build-context wheelhouse=wheelhouse --build-arg PIP_NO_INDEX=1" in cpu
-    cuda = _make_n("build", "PIP_INDEX_URL=https://pypi.tuna.tsinghua.edu.cn/simple")
-    assert "--target cuda" in cuda and "--build-arg LOCK=requirements/cuda.lock" in cuda
+    cuda = _make_n("build", "CUDA_STACK=13", "PIP_INDEX_URL=https://pypi.tuna.tsinghua.edu.cn/simple")
+    assert "--target cuda --tag pcbvlm:cuda13" in cuda and "--build-arg LOCK=requirements/cuda.lock" in cuda
     assert "--build-arg BASE_IMAGE=nvidia/cuda:13.0" in cuda
     assert "--build-arg PIP_INDEX_URL=https://pypi.tuna.tsinghua.edu.cn/simple" in cuda
     assert "--build-context" not in cuda and "PIP_NO_INDEX" not in cuda
+    cuda12 = _make_n("build", "CUDA_STACK=12", "WHEELHOUSE=wheelhouse", "BASE_IMAGE=local/bookworm")
+    assert (
+        "--target cuda --tag pcbvlm:cuda12" in cuda12
+        and "--build-arg LOCK=requirements/cuda12.lock" in cuda12
+    )
+    assert "--build-arg BASE_IMAGE=local/bookworm" in cuda12
+    assert "--build-context wheelhouse=wheelhouse --build-arg PIP_NO_INDEX=1" in cuda12
+    assert "nvidia/cuda:12.8" in _make_n("build", "CUDA_STACK=12")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The CUDA stack: make setup and make build pick it from the driver nvidia-smi reports (lib/pcbvlm/stacks.py)
+
+
+def _make_with_driver(tmp_path: Path, driver: str | None, *args: str) -> subprocess.CompletedProcess:
+    """`make -n ARGS` on a host whose nvidia-smi reports DRIVER (None: nvidia-smi fails, no driver loaded)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    body = f'echo "{driver}"' if driver else 'echo "NVIDIA-SMI has failed" >&2; exit 9'
+    smi.write_text(f"#!/bin/sh\n{body}\n")
+    smi.chmod(0o755)
+    drop = ("CONFIG", "SET", "MAKEFLAGS", "MAKELEVEL", "PCBVLM_IN_IMAGE", *STACK_VARS)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        ["make", "-n", "--no-print-directory", f"VENV={tmp_path / 'venv'}", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "driver, stack, lock",
+    [
+        ("535.104.05", "12", "requirements/cuda12.lock"),
+        ("550.54.15", "12", "requirements/cuda12.lock"),
+        ("570.86.10", "12", "requirements/cuda12.lock"),
+        ("580.65.06", "13", "requirements/cuda.lock"),
+        ("590.44.01", "13", "requirements/cuda.lock"),
+    ],
+)
+def test_setup_and_build_pick_the_stack_of_the_driver(tmp_path, driver, stack, lock):
+    setup = _make_with_driver(tmp_path, driver, "setup")
+    assert setup.returncode == 0, setup.stderr
+    assert f"-r {lock}" in setup.stdout and f"(CUDA stack: {stack})" in setup.stdout
+    build = _make_with_driver(tmp_path, driver, "build")
+    assert build.returncode == 0, build.stderr
+    assert f"--tag pcbvlm:cuda{stack} " in build.stdout and f"--build-arg LOCK={lock}" in build.stdout
+    assert f"--build-arg BASE_IMAGE=nvidia/cuda:{'12.8' if stack == '12' else '13.0'}." in build.stdout
+
+
+def test_cuda_stack_overrides_the_driver_and_no_driver_means_cpu(tmp_path):
+    out = _make_with_driver(tmp_path, "535.104.05", "setup", "CUDA_STACK=13")
+    assert "-r requirements/cuda.lock" in out.stdout
+    out = _make_with_driver(tmp_path, "590.44.01", "build", "CUDA_STACK=12")
+    assert "--build-arg LOCK=requirements/cuda12.lock" in out.stdout
+    # nvidia-smi that fails (no driver loaded): the CPU lock; the job image is still the CUDA 13 one
+    out = _make_with_driver(tmp_path, None, "setup")
+    assert "-r requirements/cpu.lock" in out.stdout
+    assert "--tag pcbvlm:cuda13 " in _make_with_driver(tmp_path, None, "build").stdout
+
+
+@pytest.mark.parametrize(
+    "driver, args, message",
+    [
+        ("470.256.02", [], "NVIDIA driver 470.256.02 is older than 525"),
+        ("550.54.15", ["CUDA_STACK=11"], "CUDA_STACK must be 12 or 13 (or cpu), got '11'"),
+    ],
+)
+def test_no_stack_fits_stops_setup_with_the_reason(tmp_path, driver, args, message):
+    out = _make_with_driver(tmp_path, driver, "setup", *args)
+    assert message in out.stderr
+    assert "error: no lock for this host" in out.stdout  # the recipe's first line: exit 2 before any install
+
+
+def test_check_images_builds_both_stacks_by_hand_not_in_ci():
+    out = _make_n("check-images")
+    assert 'STACKS="12 13" .ci/check-images' in out
+    assert 'STACKS="12" .ci/check-images' in _make_n("check-images", "STACKS=12")
+    script = (ROOT / ".ci" / "check-images").read_text()
+    for step in (
+        "make --no-print-directory wheelhouse",
+        "make --no-print-directory build",
+        "make test",
+        "make demo",
+    ):
+        assert step in script, step
+    assert "import torch, bitsandbytes, deepspeed, llmcompressor, liger_kernel" in script
+    assert "--network=none" in script and "--network none" in script  # the build and the checks run offline
+    ci = (ROOT / ".ci" / "run").read_text() + (ROOT / ".ci" / "docker-stage").read_text()
+    commands = [line for line in ci.splitlines() if not line.lstrip().startswith("#")]
+    # several GB of wheels per stack: not within CI's time and disk
+    assert not [line for line in commands if "check-images" in line]

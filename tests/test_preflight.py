@@ -164,16 +164,66 @@ def test_h200_is_hopper_sm90(cfg):
     assert "NVIDIA H200: Hopper sm90, 139.8 GiB" in report.check("gpu").detail
 
 
-@pytest.mark.parametrize("torch_cuda, need_driver", [("12.8", 570), ("13.0", 580)])
-def test_old_driver_fails_with_both_versions(cfg, torch_cuda, need_driver):
-    report = run_checks(cfg, "train", healthy(driver_version="535.104.05", torch_cuda=torch_cuda))
+CU130 = {"torch_version": "2.13.0+cu130", "torch_cuda": "13.0"}  # the CUDA 13 stack, requirements/cuda.lock
+CU128 = {"torch_version": "2.10.0+cu128", "torch_cuda": "12.8"}  # the CUDA 12 stack, requirements/cuda12.lock
+
+
+@pytest.mark.parametrize("driver", ["535.104.05", "550.54.15", "570.86.15"])
+def test_cuda13_stack_on_an_older_driver_fails_naming_the_cuda12_command(cfg, driver):
+    report = run_checks(cfg, "train", healthy(driver_version=driver, **CU130))
     check = report.check("cuda driver")
+    branch = driver.split(".")[0]
     assert check.status == "fail"
-    assert f"driver 535 supports CUDA <= 12.2, this environment needs {torch_cuda}" in check.detail
-    assert f">= {need_driver}" in check.remedy
-    assert "conservative" in check.remedy
-    assert any(line.startswith("FAILED cuda driver: driver 535") for line in failure_lines(report))
+    assert (
+        f"driver {branch} supports CUDA <= 12." in check.detail
+        and "this environment needs 13.0" in check.detail
+    )
+    assert "installed: the CUDA 13 stack (torch 2.13.0+cu130, built for CUDA 13.0)" in check.detail
+    assert "rm -rf .venv && make setup CUDA_STACK=12" in check.remedy
+    assert "make build CUDA_STACK=12" in check.remedy and ">= 580" in check.remedy
+    assert any(line.startswith(f"FAILED cuda driver: driver {branch}") for line in failure_lines(report))
     assert not report.passed
+    # in the image the environment is the image's: the advice is to build the CUDA 12 image on the host
+    env = {"HF_HUB_OFFLINE": "1", "PCBVLM_IN_IMAGE": "1"}
+    in_image = run_checks(cfg, "train", healthy(driver_version=driver, env=env, **CU130))
+    remedy = in_image.check("cuda driver").remedy
+    assert "make build CUDA_STACK=12" in remedy and "make setup" not in remedy
+
+
+@pytest.mark.parametrize(
+    "driver, note",
+    [
+        ("535.104.05", "runs through CUDA 12 minor-version compatibility (driver >= 525"),
+        ("550.54.15", "runs through CUDA 12 minor-version compatibility (driver >= 525"),
+        ("570.86.15", ""),
+        ("580.95.05", "this driver's default is the CUDA 13 stack (CUDA_STACK=13)"),
+    ],
+)
+def test_cuda12_stack_passes_from_driver_525(cfg, driver, note):
+    check = run_checks(cfg, "train", healthy(driver_version=driver, **CU128)).check("cuda driver")
+    assert check.status == "pass", check
+    assert f"driver {driver} supports CUDA <= " in check.detail
+    assert "installed: the CUDA 12 stack (torch 2.10.0+cu128, built for CUDA 12.8)" in check.detail
+    assert note in check.detail
+    if not note:
+        assert "compatibility" not in check.detail and "default" not in check.detail
+
+
+def test_driver_older_than_525_has_no_stack(cfg):
+    check = run_checks(cfg, "train", healthy(driver_version="470.256.02", **CU128)).check("cuda driver")
+    assert check.status == "fail"
+    assert check.remedy.startswith("NVIDIA driver 470.256.02 is older than 525: no CUDA stack")
+    assert "make setup" not in check.remedy
+
+
+def test_cpu_torch_on_a_gpu_host_names_the_stack_of_the_driver(cfg):
+    facts = healthy(
+        torch_cuda_available=False, torch_cuda=None, torch_version="2.13.0+cpu", gpu_source="nvml"
+    )
+    for driver, stack in (("550.54.15", "12"), ("580.95.05", "13")):
+        check = run_checks(cfg, "train", facts.model_copy(update={"driver_version": driver})).check("gpu")
+        assert check.status == "fail"
+        assert f"rm -rf .venv && make setup CUDA_STACK={stack}" in check.remedy
 
 
 def test_driver_table():
@@ -186,11 +236,11 @@ def test_driver_table():
 
 
 def test_new_enough_driver_passes(cfg):
-    check = run_checks(cfg, "train", healthy(driver_version="570.86.15", torch_cuda="12.8")).check(
-        "cuda driver"
-    )
+    check = run_checks(cfg, "train", healthy(driver_version="580.95.05", **CU130)).check("cuda driver")
     assert check.status == "pass"
-    assert "supports CUDA <= 12.8; torch needs 12.8" in check.detail
+    assert check.detail == (
+        "driver 580.95.05 supports CUDA <= 13.0; installed: the CUDA 13 stack (torch 2.13.0+cu130, built for CUDA 13.0)"
+    )
 
 
 def test_no_gpu_fails_unless_cpu_allowed(cfg):
@@ -388,7 +438,8 @@ def test_breakdown_is_printed(cfg):
 
     buffer = io.StringIO()
     console = make_console(buffer)
-    console.print(estimate_table(estimate_train_vram(SHAPE, cfg, micro_batch=8)))
+    # without Liger's fused cross-entropy (which train.fused_kernels=auto uses where liger-kernel is installed)
+    console.print(estimate_table(estimate_train_vram(SHAPE, cfg, micro_batch=8, fused_cross_entropy=False)))
     text = buffer.getvalue()
     for row in (
         "LM decoder linears (NF4 + double quant)",
@@ -402,22 +453,37 @@ def test_breakdown_is_printed(cfg):
 
 
 def test_estimate_responds_to_config(cfg):
-    base = estimate_train_vram(SHAPE, cfg, micro_batch=4, logit_tokens=650, grad_accum=2).total_bytes
+    # fused_cross_entropy=False: the same in every environment (auto uses Liger's where liger-kernel is installed)
+    base = estimate_train_vram(
+        SHAPE, cfg, fused_cross_entropy=False, micro_batch=4, logit_tokens=650, grad_accum=2
+    ).total_bytes
     assert (
-        estimate_train_vram(SHAPE, cfg, micro_batch=4, gradient_checkpointing=False).total_bytes
+        estimate_train_vram(
+            SHAPE, cfg, fused_cross_entropy=False, micro_batch=4, gradient_checkpointing=False
+        ).total_bytes
         > base + 20 * GIB
     )
     assert (
-        estimate_train_vram(SHAPE, cfg, micro_batch=4, max_pixels=65536, logit_tokens=650).total_bytes < base
+        estimate_train_vram(
+            SHAPE, cfg, fused_cross_entropy=False, micro_batch=4, max_pixels=65536, logit_tokens=650
+        ).total_bytes
+        < base
     )
-    assert estimate_train_vram(SHAPE, cfg, micro_batch=4, lora_r=16, logit_tokens=650).total_bytes < base
     assert (
-        estimate_train_vram(SHAPE, cfg, micro_batch=4, quantization="none", logit_tokens=650).total_bytes
+        estimate_train_vram(
+            SHAPE, cfg, fused_cross_entropy=False, micro_batch=4, lora_r=16, logit_tokens=650
+        ).total_bytes
+        < base
+    )
+    assert (
+        estimate_train_vram(
+            SHAPE, cfg, fused_cross_entropy=False, micro_batch=4, quantization="none", logit_tokens=650
+        ).total_bytes
         > base + 40 * GIB
     )
     # grad_accum 1: the gradients are not alive at the logits peak.
     assert estimate_train_vram(
-        SHAPE, cfg, micro_batch=4, grad_accum=1, logit_tokens=650
+        SHAPE, cfg, fused_cross_entropy=False, micro_batch=4, grad_accum=1, logit_tokens=650
     ).total_bytes == pytest.approx(base - 2 * GIB, rel=0.01)
 
 
@@ -623,12 +689,14 @@ def test_job_tiny_config_passes_on_cpu(clean_env, tmp_path, facts_file, capsys):
 
 
 def test_job_simulated_a800_with_old_driver(clean_env, tmp_path, facts_file, capsys):
+    # a host's advice (make setup), also when the tests run in an image
+    clean_env.delenv("PCBVLM_IN_IMAGE", raising=False)
     job = _load_job()
     facts = json.loads(facts_file.read_text())
     facts |= {
         "gpus": [a800().model_dump(mode="json")],
         "torch_cuda_available": True,
-        "torch_cuda": "12.8",
+        "torch_cuda": "13.0",
         "driver_version": "535.104.05",
         "bnb_cuda": {"ok": True, "detail": "stated"},
     }
@@ -637,7 +705,11 @@ def test_job_simulated_a800_with_old_driver(clean_env, tmp_path, facts_file, cap
     captured = capsys.readouterr()
     assert code == 1
     assert "Ampere sm80" in captured.out
-    assert "FAILED cuda driver: driver 535 supports CUDA <= 12.2, this environment needs 12.8" in captured.err
+    assert "FAILED cuda driver: driver 535 supports CUDA <= 12.2, this environment needs 13.0" in captured.err
+    assert (
+        "-> fix: install the CUDA 12 stack (torch 2.10.0, CUDA 12.8): rm -rf .venv && make setup CUDA_STACK=12"
+        in (captured.err)
+    )
 
 
 @pytest.mark.parametrize(

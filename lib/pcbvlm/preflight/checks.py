@@ -15,6 +15,7 @@ from pcbvlm.preflight import estimate as est
 from pcbvlm.preflight.estimate import GB, GIB, Estimate
 from pcbvlm.preflight.facts import Facts, GpuFact, job_packages
 from pcbvlm.shapes import ModelShape, count_parameters, is_qwen3_vl_32b, qwen3_vl_32b_shape
+from pcbvlm.stacks import STACKS, StackError, stack_for_cuda, stack_for_driver
 
 JOBS = ("train", "merge", "quantize", "eval")
 Status = Literal["pass", "warn", "fail", "skip"]
@@ -43,7 +44,7 @@ DRIVER_MAX_CUDA: dict[int, tuple[int, int]] = {
     470: (11, 4),
     510: (11, 6),
     515: (11, 7),
-    520: (12, 0),
+    520: (11, 8),
     525: (12, 0),
     530: (12, 1),
     535: (12, 2),
@@ -99,6 +100,37 @@ def driver_max_cuda(driver_version: str) -> tuple[int, int] | None:
 def min_driver_for(cuda: tuple[int, int]) -> int | None:
     fits = [b for b, c in DRIVER_MAX_CUDA.items() if c >= cuda]
     return min(fits) if fits else None
+
+
+# CUDA major -> the oldest driver branch that runs every CUDA <major>.x build (CUDA minor-version compatibility:
+# NVIDIA's CUDA compatibility guide). Code compiled for the GPU runs; only JIT from a newer PTX needs a newer driver,
+# and torch's wheels carry compiled code for sm80 (A800) and sm90.
+MINOR_COMPAT_MIN_DRIVER: dict[int, int] = {11: 450} | {s.cuda[0]: s.min_driver for s in STACKS.values()}
+
+
+def install_stack_command(driver_version: str, in_image: bool) -> str:
+    """The command that installs the CUDA stack this driver runs, or what to do when none does."""
+    try:
+        stack = stack_for_driver(driver_version)
+    except StackError as err:
+        return str(err)
+    what = f"the CUDA {stack.name} stack (torch {stack.torch}, CUDA {stack.cuda[0]}.{stack.cuda[1]})"
+    if in_image:
+        return f"build the job image of {what} on the host: make build CUDA_STACK={stack.name}"
+    return (
+        f"install {what}: rm -rf .venv && make setup CUDA_STACK={stack.name} "
+        f"(or its image: make build CUDA_STACK={stack.name})"
+    )
+
+
+def installed_stack(facts: Facts) -> str:
+    """'the CUDA 12 stack (torch 2.10.0+cu128, built for CUDA 12.8)', from torch.version.cuda."""
+    torch = f"torch {facts.torch_version or '?'}"
+    if facts.torch_cuda is None:
+        return f"the CPU stack ({torch}, a CPU build)"
+    stack = stack_for_cuda(facts.torch_cuda)
+    name = f"the CUDA {stack.name} stack" if stack else "a CUDA build of no stack of this project"
+    return f"{name} ({torch}, built for CUDA {facts.torch_cuda})"
 
 
 @dataclass(frozen=True)
@@ -271,7 +303,12 @@ def _check_gpu(facts: Facts) -> list[Check]:
     if not facts.torch_cuda_available:
         if facts.torch_cuda is None:
             why = f"torch {facts.torch_version or '?'} is a CPU build (torch.version.cuda is None)"
-            fix = "install the CUDA lock on this host (make setup LOCK=requirements/cuda.lock) or use RUNNER=docker"
+            fix = (
+                install_stack_command(facts.driver_version, _in_image(facts))
+                if facts.driver_version
+                else "install a CUDA stack: rm -rf .venv && make setup CUDA_STACK=13 (driver >= 580) or "
+                "CUDA_STACK=12 (driver >= 525); or use RUNNER=docker"
+            )
         else:
             why = f"torch.cuda.is_available() is False (torch built for CUDA {facts.torch_cuda})"
             fix = "see the cuda driver check; check CUDA_VISIBLE_DEVICES and the container's --gpus"
@@ -280,38 +317,57 @@ def _check_gpu(facts: Facts) -> list[Check]:
     return [Check("gpu", "pass", f"{count}: {listing}{one}")]
 
 
+def _in_image(facts: Facts) -> bool:
+    return bool(facts.env.get("PCBVLM_IN_IMAGE"))
+
+
 def _check_driver(facts: Facts) -> Check:
+    """The driver against the installed stack's CUDA; when they do not fit, the command for the stack that does."""
     if facts.torch_cuda is None:
         return Check("cuda driver", "skip", "torch is a CPU build: no CUDA version to match")
     need = _version_tuple(facts.torch_cuda)
+    installed = installed_stack(facts)
     if facts.driver_version is None or need is None:
-        return Check("cuda driver", "warn", f"driver version unknown; torch needs CUDA {facts.torch_cuda}")
+        return Check("cuda driver", "warn", f"driver version unknown; installed: {installed}")
     branch = facts.driver_version.split(".")[0]
     top = driver_max_cuda(facts.driver_version)
     reported = f"; the driver reports CUDA {facts.nvml_cuda_version}" if facts.nvml_cuda_version else ""
+    fix = install_stack_command(facts.driver_version, _in_image(facts))
+    upgrade = MINOR_COMPAT_MIN_DRIVER.get(need[0]) or min_driver_for(need) or 580
     if top is None:
         return Check(
             "cuda driver",
             "fail",
-            f"driver {facts.driver_version} is older than 450 and supports no CUDA 11+; this environment needs {facts.torch_cuda}",
-            f"upgrade the NVIDIA driver to >= {min_driver_for(need) or 580}",
+            f"driver {facts.driver_version} is older than 450 and supports no CUDA 11+; installed: {installed}",
+            fix,
         )
-    if top < need:
-        driver = min_driver_for(need)
+    compat = top < need and top[0] == need[0] and int(branch) >= MINOR_COMPAT_MIN_DRIVER.get(need[0], 10**6)
+    if top < need and not compat:
         return Check(
             "cuda driver",
             "fail",
-            f"driver {branch} supports CUDA <= {top[0]}.{top[1]}, this environment needs {facts.torch_cuda} "
-            f"(torch {facts.torch_version or '?'} was built with CUDA {facts.torch_cuda}){reported}",
-            f"upgrade the NVIDIA driver to >= {driver} (or install a torch built for CUDA <= {top[0]}.{top[1]}); "
-            "the driver table is the conservative verdict: CUDA minor-version compatibility can run some "
-            f"{need[0]}.x builds on an older {need[0]}.x driver, but not PTX JIT or newer kernels",
+            f"driver {branch} supports CUDA <= {top[0]}.{top[1]}, this environment needs {facts.torch_cuda}; "
+            f"installed: {installed}{reported}",
+            fix
+            if fix.startswith("NVIDIA driver")
+            else f"{fix}; or upgrade the NVIDIA driver to >= {upgrade}",
         )
-    return Check(
-        "cuda driver",
-        "pass",
-        f"driver {facts.driver_version} supports CUDA <= {top[0]}.{top[1]}; torch needs {facts.torch_cuda}{reported}",
+    detail = (
+        f"driver {facts.driver_version} supports CUDA <= {top[0]}.{top[1]}; installed: {installed}{reported}"
     )
+    if compat:
+        detail += (
+            f"; runs through CUDA {need[0]} minor-version compatibility (driver >= "
+            f"{MINOR_COMPAT_MIN_DRIVER[need[0]]}: compiled kernels yes, JIT from newer PTX no)"
+        )
+    fits = stack_for_cuda(facts.torch_cuda)
+    try:
+        best = stack_for_driver(facts.driver_version)
+    except StackError:
+        best = None
+    if best is not None and fits is not None and best.cuda > fits.cuda:
+        detail += f"; this driver's default is the CUDA {best.name} stack (CUDA_STACK={best.name})"
+    return Check("cuda driver", "pass", detail)
 
 
 def _check_bf16(cfg: Config, job: str, gpu: GpuFact) -> Check:

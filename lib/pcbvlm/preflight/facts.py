@@ -108,6 +108,8 @@ ENV_KEYS = (
     "HF_HUB_CACHE",
     "CUDA_VISIBLE_DEVICES",
     "PYTORCH_CUDA_ALLOC_CONF",
+    "PCBVLM_IN_IMAGE",  # set in the images: the advice on the CUDA stack names `make build`, not `make setup`
+    "PCBVLM_LOCK",
 )
 
 # Modules each job imports; (module, distribution, required).
