@@ -57,7 +57,7 @@ def resolve_model_ref(cfg: Config, ref: str | None) -> str:
     finished run (`pcbvlm.provenance.choose_auto`; printed on stderr as `model: ...`). A runs folder
     stands for its newest finished run.
     """
-    from pcbvlm.training import newest_finished_run
+    from pcbvlm.runs import newest_finished_run
 
     outputs = Path(cfg.paths.outputs_dir)
     ref = ref or "auto"
@@ -105,7 +105,7 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
         raise UserError(f"{ref}: an unfinished output folder (.partial-*); run the job that writes it again")
 
     if ref is not None and ref.exists():
-        from pcbvlm.training import adapter_folder, full_model_folder
+        from pcbvlm.runs import adapter_folder, full_model_folder
 
         ref = full_model_folder(ref) or ref  # a full-parameter run stands for its model/ folder
         adapter = adapter_folder(ref)

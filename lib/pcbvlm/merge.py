@@ -66,7 +66,7 @@ EXTRA_PROCESSOR_FILES = ("video_preprocessor_config.json",)
 def resolve_adapter(cfg: Config, adapter: str | Path | None = None) -> Path:
     """The adapter folder to merge: `adapter` (a run folder or its adapter/ folder), or the newest
     finished run under `paths.runs_dir`. For a full-parameter run: its model/ folder."""
-    from pcbvlm.training import ADAPTER_DIR, MODEL_DIR, adapter_folder, full_model_folder, newest_finished_run
+    from pcbvlm.runs import ADAPTER_DIR, MODEL_DIR, adapter_folder, full_model_folder, newest_finished_run
 
     if adapter is None:
         run = newest_finished_run(Path(cfg.paths.runs_dir))
@@ -299,7 +299,7 @@ def merge_adapter(
     from pcbvlm.collator import TrainCollator
     from pcbvlm.modeling import ensure_model_available, load_base_model
     from pcbvlm.processing import load_processor
-    from pcbvlm.training import full_model_folder
+    from pcbvlm.runs import full_model_folder
 
     started = time.perf_counter()
     stages: dict[str, float] = {}

@@ -37,12 +37,19 @@ from pcbvlm.config import Config, write_resolved
 from pcbvlm.errors import DataError, DiskGuardStop, Interrupted, UserError
 from pcbvlm.io import atomic_directory, atomic_write_json
 from pcbvlm.provenance import write_adapter_provenance
+from pcbvlm.runs import (  # noqa: F401  (re-exported: the run lookups training shares with later stages)
+    ADAPTER_DIR,
+    MODEL_DIR,
+    adapter_folder,
+    full_model_folder,
+    is_finished,
+    list_runs,
+    newest_finished_run,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"  # the output of a full-parameter run
 # Files a Trainer checkpoint must hold to be resumable: these, and the weights (WEIGHT_FILES: the adapter
 # of a peft model, or the whole model of a full-parameter run, in one file or sharded).
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
@@ -197,40 +204,6 @@ def write_checkpoint_marker(path: Path, step: int) -> Path:
     }
     written = datetime.now(UTC).isoformat(timespec="seconds")
     return atomic_write_json(path / COMPLETE_MARKER, {"step": step, "written": written, "files": files})
-
-
-def adapter_folder(path: Path) -> Path | None:
-    """The peft adapter folder that `path` names: the folder itself, or a run folder's adapter/."""
-    for folder in (path, path / ADAPTER_DIR):
-        if (folder / "adapter_config.json").is_file():
-            return folder
-    return None
-
-
-def full_model_folder(path: Path) -> Path | None:
-    """The model folder of a full-parameter run that `path` names: a run folder's model/, or model/ itself."""
-    for folder in (path / MODEL_DIR, path):
-        if folder.name == MODEL_DIR and (folder / "config.json").is_file():
-            return folder
-    return None
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() or full_model_folder(run_dir) is not None
-
-
-def list_runs(runs_dir: Path, identity: str | None = None) -> list[Path]:
-    if not runs_dir.is_dir():
-        return []
-    runs = [
-        p for p in runs_dir.iterdir() if p.is_dir() and (identity is None or p.name.endswith(f"-{identity}"))
-    ]
-    return sorted(runs, key=lambda p: p.name)
-
-
-def newest_finished_run(runs_dir: Path) -> Path | None:
-    finished = [r for r in list_runs(runs_dir) if is_finished(r)]
-    return finished[-1] if finished else None
 
 
 @dataclass
