@@ -54,7 +54,7 @@ MAX_SHARD_SIZE = "5GB"
 # merge that lost or doubled the adapter (2.05 / 1.67 = 1.2 of the scale on the 48-layer model; a trained
 # adapter moves the answer logits by several units). fp16 keeps 11 significant bits, 8x finer than bf16.
 MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 2e-2}
-# Processor files of the base that are copied as they are, when present: the stock Qwen3VLProcessor that
+# Processor files of the base that are copied as they are, when present: the stock Qwen-VL processor that
 # vLLM builds (with torchvision) looks for its video processor settings here; this project never saves one.
 EXTRA_PROCESSOR_FILES = ("video_preprocessor_config.json",)
 
@@ -413,9 +413,8 @@ def publish_full_model(cfg: Config, folder: Path, target: Path) -> MergeResult:
     """A full-parameter run's model/ folder -> `target`: re-saved in the merge dtype (sharded like a
     merge) with its processor files, then loaded back and its logits compared with the run's model on
     the verification samples (same tolerance as a merge); nothing is published when they differ."""
-    from transformers import Qwen3VLForConditionalGeneration
-
     from pcbvlm.collator import TrainCollator
+    from pcbvlm.families import family_for
     from pcbvlm.processing import load_processor
 
     started = time.perf_counter()
@@ -428,8 +427,10 @@ def publish_full_model(cfg: Config, folder: Path, target: Path) -> MergeResult:
     batch = TrainCollator(processor)(samples) if samples else None
 
     def load(path: Path, as_dtype: torch.dtype | str):
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            str(path), dtype=as_dtype, attn_implementation=cfg.model.attn_implementation
+        model = (
+            family_for(path)
+            .model_class()
+            .from_pretrained(str(path), dtype=as_dtype, attn_implementation=cfg.model.attn_implementation)
         )
         return model.to(device).eval()
 

@@ -1,8 +1,11 @@
-"""The architecture of Qwen3-VL, as numbers: the 32B shape built in code, and parameter counts per part.
+"""The architecture of the model, as numbers: the 32B-class shapes, and parameter counts per part.
 
 The preflight memory estimate and the GPU benchmark both need the model's shape. The real config.json is
 used where it is on disk (a local folder or the Hugging Face cache); when it is not (a fresh machine,
-offline), `qwen3_vl_32b_config()` gives the Qwen3-VL-32B-Instruct architecture without a download.
+offline), each model family holds its 32B-class shape (`ModelFamily.config_dict_32b`, found for a hub id
+by `builtin_32b_family`); `qwen3_vl_32b_config()` gives Qwen3-VL-32B-Instruct's without a download.
+`count_parameters` does the arithmetic of Qwen3-VL's blocks; for Qwen2.5-VL (gated vision MLP, q/k/v
+biases, no position table) it is an estimate within 1% (tests compare it with the meta-device count).
 
 `ModelShape` is a plain description read from a `transformers.Qwen3VLConfig`, a config.json dict or
 another `ModelShape`; `count_parameters(shape)` counts the parameters of each part by arithmetic
@@ -18,83 +21,37 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-QWEN3_VL_32B_ID = "Qwen/Qwen3-VL-32B-Instruct"
+from pcbvlm.families.base import ModelFamily
+from pcbvlm.families.qwen3_vl import FAMILY as QWEN3_VL
 
-# Qwen/Qwen3-VL-32B-Instruct config.json, in the transformers 5 spelling (rope_parameters).
-QWEN3_VL_32B_TEXT: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 5120,
-    "intermediate_size": 25600,
-    "num_hidden_layers": 64,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 262144,
-    "rms_norm_eps": 1e-6,
-    "attention_bias": False,
-    "rope_parameters": {
-        "rope_type": "default",
-        "rope_theta": 5000000.0,
-        "mrope_section": [24, 20, 20],
-        "mrope_interleaved": True,
-    },
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-}
-QWEN3_VL_32B_VISION: dict[str, Any] = {
-    "depth": 27,
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_heads": 16,
-    "in_channels": 3,
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "out_hidden_size": 5120,
-    "num_position_embeddings": 2304,
-    "deepstack_visual_indexes": [8, 16, 24],
-    "hidden_act": "gelu_pytorch_tanh",
-}
-QWEN3_VL_32B_TOP: dict[str, Any] = {
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "tie_word_embeddings": False,
-}
+QWEN3_VL_32B_ID = QWEN3_VL.hub_id_32b
 # 33,357,390,064: what the meta-device instantiation of the shape above counts (tests check both).
 QWEN3_VL_32B_PARAMS = 33_357_390_064
 
-_QWEN3_VL_32B_NAME = re.compile(r"(^|/)qwen3-vl-32b-(instruct|thinking)$", re.IGNORECASE)
+
+def builtin_32b_family(name_or_path: str) -> ModelFamily | None:
+    """The family whose built-in 32B-class shape `name_or_path` names (a hub id such as
+    Qwen/Qwen3-VL-32B-Instruct or Qwen/Qwen2.5-VL-32B-Instruct), or None."""
+    from pcbvlm.families import FAMILIES
+
+    name = name_or_path.strip().rstrip("/")
+    return next((f for f in FAMILIES.values() if f.name_32b.search(name)), None)
 
 
 def is_qwen3_vl_32b(name_or_path: str) -> bool:
     """True for the Qwen3-VL-32B hub ids (Instruct, Thinking) whose shape `qwen3_vl_32b_config` holds."""
-    return bool(_QWEN3_VL_32B_NAME.search(name_or_path.strip().rstrip("/")))
+    return builtin_32b_family(name_or_path) is QWEN3_VL
 
 
 def qwen3_vl_32b_dict() -> dict[str, Any]:
     """The 32B architecture as a config.json-like dict (no transformers import)."""
-    return {
-        "model_type": "qwen3_vl",
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        **QWEN3_VL_32B_TOP,
-        "text_config": {"model_type": "qwen3_vl_text", **QWEN3_VL_32B_TEXT},
-        "vision_config": {"model_type": "qwen3_vl_vision", **QWEN3_VL_32B_VISION},
-    }
+    return QWEN3_VL.config_dict_32b()
 
 
 def qwen3_vl_32b_config(**text_overrides: Any):
     """`transformers.Qwen3VLConfig` of Qwen3-VL-32B-Instruct; `text_overrides` change text-config keys
     (e.g. `num_hidden_layers=2` for a cut-down benchmark model of the same width)."""
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(
-        text_config={**QWEN3_VL_32B_TEXT, **text_overrides},
-        vision_config=dict(QWEN3_VL_32B_VISION),
-        **QWEN3_VL_32B_TOP,
-    )
+    return QWEN3_VL.config_32b(**text_overrides)
 
 
 @dataclass(frozen=True)
@@ -266,17 +223,19 @@ def count_parameters(model: Any) -> ParamCounts:
 
 
 def count_parameters_meta(config: Any) -> ParamCounts:
-    """The same counts by instantiating `Qwen3VLForConditionalGeneration` on the meta device (no memory,
+    """The same counts by instantiating the family's model on the meta device (no memory,
     a few seconds for the 32B shape): the ground truth the arithmetic is tested against."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    if not isinstance(config, Qwen3VLConfig):
+    from pcbvlm.families import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", ""))
+    if family is None or not hasattr(config, "to_dict"):
         raise TypeError(
-            f"count_parameters_meta needs a transformers Qwen3VLConfig, got {type(config).__name__}"
+            f"count_parameters_meta needs a transformers config of a model family, got {type(config).__name__}"
         )
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(config)
+        model = family.model_class()(config)
     parts = {"lm_linears": 0, "lm_norms": 0, "embed_tokens": 0, "lm_head": 0, "vision": 0}
     for name, param in model.named_parameters():
         n = param.numel()
