@@ -193,6 +193,33 @@ def test_generation_reads_each_models_answers_in_its_familys_frame(
         assert max(abs(a - b) for a, b in zip(obj["bbox"], truth[0]["bbox"], strict=True)) <= 1.0
 
 
+def test_training_writes_answers_for_the_trained_family_whatever_make_data_wrote(
+    tiny_data_dir, tiny_qwen25_dir
+):
+    """Data converted with the Qwen3-VL config (0-1000 answers) and trained as Qwen2.5-VL: the training
+    chats carry resized-pixel answers, so a data folder cannot teach one family another's coordinates."""
+    from pcbvlm.training import training_samples
+
+    stored = [json.loads(line) for line in (tiny_data_dir / "train.jsonl").read_text().splitlines()]
+    cfg = load_config(
+        QWEN25_CONFIG, [f"model.name_or_path={tiny_qwen25_dir}", f"paths.data_dir={tiny_data_dir}"]
+    )
+    family = get_family("qwen2_5_vl")
+    rows, _ = training_samples(cfg)
+    assert [r["id"] for r in rows] == [r["id"] for r in stored]
+    changed = 0
+    for row, before in zip(rows, stored, strict=True):
+        width, height = row["width"], row["height"]
+        answer = json.loads(row["messages"][-1]["content"][0]["text"])
+        pixels = [
+            family.to_answer_box(o["bbox"], width, height, cfg.data.min_pixels, cfg.data.max_pixels)
+            for o in row["objects"]
+        ]
+        assert [a["bbox_2d"] for a in answer] == pixels
+        changed += row["messages"][-1] != before["messages"][-1]
+    assert changed == sum(1 for r in rows if r["objects"])  # every answer with a box was rewritten
+
+
 # ------------------------------------------------------------------------------------------------------
 # The second family through the real jobs
 

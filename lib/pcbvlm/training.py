@@ -354,6 +354,24 @@ def claim_run(cfg: Config, identity: str, resume: str) -> tuple[RunPlan, RunLock
 # Data
 
 
+def training_samples(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The train and val samples of paths.data_dir (val empty without val.jsonl: no eval loss), their
+    answers written in the configured model family's coordinates, whichever family `make data` wrote
+    them for (Qwen3-VL: 0-1000 relative; Qwen2.5-VL: pixels of the resized image)."""
+    from pcbvlm.modeling import model_family
+    from pcbvlm.samples import load_samples, set_answers
+
+    data_dir = Path(cfg.paths.data_dir)
+    train_rows = load_samples(data_dir, "train")
+    val_rows = load_samples(data_dir, "val") if (data_dir / "val.jsonl").is_file() else []
+    if not train_rows:
+        raise DataError(f"{data_dir / 'train.jsonl'}: no training samples")
+    family = model_family(cfg)
+    set_answers(train_rows, cfg.data, family)
+    set_answers(val_rows, cfg.data, family)
+    return train_rows, val_rows
+
+
 def to_dataset(rows: list[dict[str, Any]], tokenizer, image_tokens: int):
     """A `datasets.Dataset` with the chat as JSON text and an approximate token length per sample
     (image tokens + answer tokens), which length-grouped sampling uses to batch similar lengths."""
@@ -854,7 +872,6 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         trainable_parameters,
         use_fused_kernels,
     )
-    from pcbvlm.samples import load_samples, set_answers
 
     device = resolve_device(cfg)
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
@@ -864,16 +881,8 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     if is_main:
         print(f"training on {launch['description']}", flush=True)
     data_dir = Path(cfg.paths.data_dir)
-    train_rows = load_samples(data_dir, "train")
-    # A run without val.jsonl (val_fraction 0) trains without eval loss.
-    val_rows = load_samples(data_dir, "val") if (data_dir / "val.jsonl").is_file() else []
-    if not train_rows:
-        raise DataError(f"{data_dir / 'train.jsonl'}: no training samples")
-    # The answers are written in the trained family's coordinates, whichever family `make data` wrote
-    # them for (Qwen3-VL: 0-1000 relative; Qwen2.5-VL: pixels of the resized image).
+    train_rows, val_rows = training_samples(cfg)
     family = model_family(cfg)
-    set_answers(train_rows, cfg.data, family)
-    set_answers(val_rows, cfg.data, family)
 
     identity = run_identity(cfg, dataset_hash(data_dir))
     plan, record.lock = claim_run(cfg, identity, resume)
