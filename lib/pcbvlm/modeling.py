@@ -69,9 +69,10 @@ def ensure_model_available(cfg: Config) -> str:
 
 
 def bnb_config(
-    compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None, skip: tuple[str, ...] = ()
+    compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None, *, skip: tuple[str, ...]
 ):
-    """NF4 with double quantization; `skip`: module-name prefixes kept out of 4-bit (the family's)."""
+    """NF4 with double quantization; `skip`: module-name prefixes kept out of 4-bit (the family's
+    `skip_quantization`: the vision tower and lm_head)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

@@ -51,6 +51,7 @@ class ModelFamily:
     # not downloaded, the tiny model before it is built).
     name_pattern: ClassVar[re.Pattern[str]]
     model_class_name: ClassVar[str]  # transformers' ...ForConditionalGeneration
+    config_class_name: ClassVar[str]  # transformers' config of that model
     processor_class_name: ClassVar[str]  # transformers' processor (used without its video processor)
     decoder_layer_class: ClassVar[
         str
@@ -65,6 +66,7 @@ class ModelFamily:
     liger_patch: ClassVar[str]  # liger_kernel.transformers' apply_liger_kernel_to_<family>
     liger_module: ClassVar[str]  # liger_kernel.transformers.model.<module> (its fused-loss forward)
     hub_id_32b: ClassVar[str]  # the 32B-class model whose shape `config_dict_32b` holds
+    name_32b: ClassVar[re.Pattern[str]]  # its hub ids: the preflight's built-in shape when offline
 
     def __repr__(self) -> str:
         return f"<model family {self.model_type}>"
@@ -163,9 +165,7 @@ class ModelFamily:
         import transformers
 
         spec = self.config_dict_32b()
-        config_class = getattr(
-            transformers, self.model_class_name.replace("ForConditionalGeneration", "Config")
-        )
+        config_class = getattr(transformers, self.config_class_name)
         text = {k: v for k, v in spec["text_config"].items() if k != "model_type"}
         vision = {k: v for k, v in spec["vision_config"].items() if k != "model_type"}
         top = {

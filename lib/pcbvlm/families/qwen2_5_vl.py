@@ -58,6 +58,7 @@ class Qwen2_5_VL(ModelFamily):  # noqa: N801 - named like transformers' Qwen2_5_
     model_type = "qwen2_5_vl"
     name_pattern = re.compile(r"qwen2[._]?5[-_.]?vl", re.IGNORECASE)
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
+    config_class_name = "Qwen2_5_VLConfig"
     processor_class_name = "Qwen2_5_VLProcessor"
     decoder_layer_class = "Qwen2_5_VLDecoderLayer"
     patch_size = 14

@@ -61,6 +61,7 @@ class Qwen3VL(ModelFamily):
     model_type = "qwen3_vl"
     name_pattern = re.compile(r"qwen3[-_.]?vl", re.IGNORECASE)
     model_class_name = "Qwen3VLForConditionalGeneration"
+    config_class_name = "Qwen3VLConfig"
     processor_class_name = "Qwen3VLProcessor"
     decoder_layer_class = "Qwen3VLTextDecoderLayer"
     patch_size = 16
