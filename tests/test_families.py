@@ -234,10 +234,11 @@ def _job(module: str, args: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_qwen2_5_vl_runs_data_train_merge_eval(tmp_path, clean_env):
-    """`make data/train/merge/eval CONFIG=config/tiny-qwen2.5-vl.yaml` on non-square synthetic boards: the
-    tiny model is built as a Qwen2.5-VL from its folder name, the data and the training labels are in
-    resized pixels, and the merged model is a Qwen2.5-VL that the evaluation job loads and scores."""
+def test_qwen2_5_vl_runs_data_train_merge_quantize_eval(tmp_path, clean_env):
+    """`make data train merge quantize eval CONFIG=config/tiny-qwen2.5-vl.yaml` on non-square synthetic
+    boards: the tiny model is built as a Qwen2.5-VL from its folder name, the data's answers are in
+    resized pixels, the merged and quantized models are Qwen2.5-VLs, and the evaluation job scores the
+    quantized one."""
     from pcbvlm.synth import Board, generate_dataset
 
     generate_dataset(tmp_path / "DeepPCB", 6, seed=5, board=Board(256, 160, scale=0.8, max_defects=2))
@@ -277,7 +278,13 @@ def test_qwen2_5_vl_runs_data_train_merge_eval(tmp_path, clean_env):
     merged = tmp_path / "outputs" / "merged"
     assert json.loads((merged / "config.json").read_text())["model_type"] == "qwen2_5_vl"
 
-    _job("evaluate", [*common, "--model", str(merged), "--split", "test", "--out", str(tmp_path / "eval")])
+    _job("quantize", common)  # AWQ with the family's mappings, one Qwen2_5_VLDecoderLayer at a time
+    quantized = tmp_path / "outputs" / "quantized"
+    report = json.loads((quantized / "quantize.json").read_text())
+    assert report["scheme"]["sequential_target"] == "Qwen2_5_VLDecoderLayer"
+
+    # The quantized folder loads through the int4 path as a Qwen2.5-VL and is scored.
+    _job("evaluate", [*common, "--model", str(quantized), "--split", "test", "--out", str(tmp_path / "eval")])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 2 and metrics  # two test boards (every third of six), scored

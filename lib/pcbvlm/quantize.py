@@ -251,6 +251,23 @@ def _stock_recipe_names(folder: Path) -> None:
         path.write_text(path.read_text().replace("HostMemoryAWQModifier:", "AWQModifier:"))
 
 
+def _ignore_renamed_modules(folder: Path, module_names: set[str], patterns: list[str]) -> None:
+    """config.json lists the modules left unquantized (`quantization_config.ignore`) by name, in the
+    checkpoint's spelling. Some families' checkpoints spell modules differently from the loaded model
+    (Qwen2.5-VL: `visual.blocks...` for `model.visual.blocks...`); those names match nothing on load, and
+    transformers would then expect 4-bit weights for the vision tower. Where a listed name is not a module
+    of the model, the configured `quantize.ignore` patterns (`re:` regexes, either spelling) are added."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    ignore = config["quantization_config"].get("ignore") or []
+    if all(name in module_names for name in ignore if not name.startswith("re:")):
+        return
+    config["quantization_config"]["ignore"] = [*ignore, *(p for p in patterns if p not in ignore)]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------------
 # Verification
 
@@ -464,6 +481,7 @@ def quantize_model(
         tick = time.perf_counter()
         net.save_pretrained(tmp, save_compressed=True, max_shard_size=MAX_SHARD_SIZE)
         _stock_recipe_names(tmp)
+        _ignore_renamed_modules(tmp, {name for name, _ in net.named_modules()}, cfg.quantize.ignore)
         save_processor(processor, tmp, source)
         stages["save_s"] = time.perf_counter() - tick
         del net
