@@ -65,6 +65,10 @@ class ModelFamily:
     awq_mappings: ClassVar[list[tuple[str, list[str]]]] = QWEN_AWQ_MAPPINGS
     liger_patch: ClassVar[str]  # liger_kernel.transformers' apply_liger_kernel_to_<family>
     liger_module: ClassVar[str]  # liger_kernel.transformers.model.<module> (its fused-loss forward)
+    # Whether Liger's fused-loss forward of the family honours `logits_to_keep` (the answer-only logits
+    # of pcbvlm.collator.keep_answer_logits, which cut the labels to the answer); without it the fused
+    # loss would pair every position's hidden state with the cut labels, so only the norms/rotary run fused.
+    liger_fused_loss: ClassVar[bool] = True
     hub_id_32b: ClassVar[str]  # the 32B-class model whose shape `config_dict_32b` holds
     name_32b: ClassVar[re.Pattern[str]]  # its hub ids: the preflight's built-in shape when offline
 
@@ -113,6 +117,7 @@ class ModelFamily:
 
         import liger_kernel.transformers as liger
 
+        fused_cross_entropy = fused_cross_entropy and self.liger_fused_loss
         getattr(liger, self.liger_patch)(
             rope=True, rms_norm=True, fused_linear_cross_entropy=fused_cross_entropy, model=model
         )

@@ -65,6 +65,7 @@ class Qwen2_5_VL(ModelFamily):  # noqa: N801 - named like transformers' Qwen2_5_
     merger_linears = r"model\.visual\.merger\.mlp\.[02]"
     liger_patch = "apply_liger_kernel_to_qwen2_5_vl"
     liger_module = "qwen2_5_vl"
+    liger_fused_loss = False  # liger-kernel 0.8.5's Qwen2.5-VL forward has no logits_to_keep
     hub_id_32b = "Qwen/Qwen2.5-VL-32B-Instruct"
     name_32b = re.compile(r"(^|/)qwen2\.5-vl-32b-instruct$", re.IGNORECASE)
 
