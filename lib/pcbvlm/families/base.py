@@ -53,9 +53,8 @@ class ModelFamily:
     model_class_name: ClassVar[str]  # transformers' ...ForConditionalGeneration
     config_class_name: ClassVar[str]  # transformers' config of that model
     processor_class_name: ClassVar[str]  # transformers' processor (used without its video processor)
-    decoder_layer_class: ClassVar[
-        str
-    ]  # the language model's decoder layer (llm-compressor's sequential unit)
+    # The language model's decoder layer class: llm-compressor's sequential unit.
+    decoder_layer_class: ClassVar[str]
     patch_size: ClassVar[int]  # vision patch side, px
     merge_size: ClassVar[int] = 2  # patches merged per side into one visual token
     end_of_answer: ClassVar[str] = QWEN_END_OF_TURN
