@@ -161,24 +161,27 @@ def test_config_paths_point_into_the_job_volumes(compose, config):
     env = job["environment"]
     mounts = _targets(job)
     data = yaml.safe_load(config.read_text())
-    values = [*data.get("paths", {}).values(), (data.get("model") or {}).get("name_or_path")]
-    checked = 0
-    for value in values:
+    folders = []  # the relative folders the config uses when no variable is set
+    for value in [*data.get("paths", {}).values(), (data.get("model") or {}).get("name_or_path")]:
         if not isinstance(value, str):
             continue
-        for var, default in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", value):
+        refs = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", value)
+        for var, default in refs:
             assert env.get(var) == "", f"{config.name}: {var} is not emptied in compose service job"
-            inside = "/workspace/" + default.strip("/")
-            target = max(
-                (t for t in mounts if t != "/workspace" and (inside == t or inside.startswith(t + "/"))),
-                key=len,
-                default=None,
-            )
-            assert target is not None, f"{config.name}: {default} is in no mount under /workspace"
-            host_default = mounts[target].split(":-", 1)[1].rstrip("}")
-            assert host_default == "./" + target.removeprefix("/workspace/"), (target, mounts[target])
-            checked += 1
-    assert checked >= 4, config.name
+            folders.append(default)
+        if not refs and value.startswith("models/"):  # a local model folder (a hub id is not one)
+            folders.append(value)
+    for default in folders:
+        inside = "/workspace/" + default.strip("/")
+        target = max(
+            (t for t in mounts if t != "/workspace" and (inside == t or inside.startswith(t + "/"))),
+            key=len,
+            default=None,
+        )
+        assert target is not None, f"{config.name}: {default} is in no mount under /workspace"
+        host_default = mounts[target].split(":-", 1)[1].rstrip("}")
+        assert host_default == "./" + target.removeprefix("/workspace/"), (target, mounts[target])
+    assert len(folders) >= 4, config.name
 
 
 def test_env_example_documents_every_variable():

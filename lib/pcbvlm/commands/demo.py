@@ -94,11 +94,8 @@ def main(argv=None) -> int:
         ("eval memorised boards", ["eval", *memorise, "--model", "run", "--out", str(memorised_eval)]),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    for var in (
-        "SET",
-        "PROFILE",
-        "RESUME",
-    ):  # SET is applied through --set; the others are make's, for `make train`
+    # SET is applied through --set already; PROFILE and RESUME are make's, for `make train`, not the demo's.
+    for var in ("SET", "PROFILE", "RESUME"):
         env.pop(var, None)
     timings: list[tuple[str, str, float]] = []
     for name, command in stages:
