@@ -227,7 +227,7 @@ def test_training_writes_answers_for_the_trained_family_whatever_make_data_wrote
 def _job(module: str, args: list[str]) -> None:
     import importlib
 
-    main = importlib.import_module(f"jobs.{module}").main
+    main = importlib.import_module(f"pcbvlm.commands.{module}").main
     with pytest.raises(SystemExit) as exit_info:
         cli.run_job(main, args)
     assert exit_info.value.code == 0
