@@ -47,7 +47,29 @@ MODULES: dict[str, Module] = {
         ("tests/test_merge_verification.py",),
         ("x_compare_logits", "x_attended_logits", "x_merge_dtype"),
     ),
-    "preflight-estimate": Module("preflight/estimate.py", ("tests/test_preflight.py",)),
+    "preflight-estimate": Module(
+        "preflight/estimate.py", ("tests/test_estimate.py", "tests/test_preflight.py")
+    ),
+    "run-registry": Module("runs.py", ("tests/test_runs.py",)),
+    # Checkpoint completion and resume selection (being moved from training.py to runs.py).
+    "resume-selection": Module(
+        "training.py",
+        (
+            "tests/test_runs.py",
+            "tests/test_training.py::test_resume_picks_the_newest_complete_checkpoint_of_the_newest_run",
+            "tests/test_training.py::test_checkpoint_marker_lists_every_file_with_its_size",
+        ),
+        (
+            "x__unreadable_file",
+            "x_checkpoint_problem",
+            "x_is_complete_checkpoint",
+            "x_checkpoint_step",
+            "x_list_checkpoint_folders",
+            "x_newest_complete_checkpoint",
+            "x_write_checkpoint_marker",
+            "x_plan_run",
+        ),
+    ),
 }
 
 
