@@ -554,6 +554,9 @@ def test_zero3_shards_the_base_weights_and_gathers_two_layers():
     assert table["LM decoder linears (NF4 + double quant) (1/2)"] == (LM_LINEARS * NF4_BITS / 8 / 2, "static")
     assert table["gathered layers (ZeRO-3)"] == (2 * 49152 * NF4_BITS / 8, "static")
     assert table["NF4 dequantization buffer"] == (64 * 160 * 2, "static")  # not a stored weight: whole
+    # The vision tower's forward buffers are activations: ZeRO-3 shards weights, not them.
+    assert table["vision tower forward"] == (2 * PATCHES * VISION_PER_PATCH_BF16, "transient")
+    assert not any(name.startswith("vision tower forward (") for name in table)
     assert nf4.what == "train step, micro_batch 2, per GPU (zero3, 2 processes)"
 
 
@@ -829,3 +832,215 @@ def test_artifact_sizes_on_disk():
 @pytest.mark.parametrize("precision, size", [("fp32", 4), ("bf16", 2), ("fp16", 2), ("auto", 2)])
 def test_compute_dtype_bytes(precision, size):
     assert est._dtype_bytes(precision) == size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The notes: the preflight prints each term with why it is there (pcbvlm.preflight.report.estimate_table)
+
+
+def notes(estimate: Estimate) -> list[str]:
+    return [i.note for i in estimate.items]
+
+
+def test_the_32b_breakdown_explains_each_term_with_its_figures():
+    big = qwen3_vl_32b_shape()
+    qlora = estimate_train_vram(big, config(train=QLORA, lora={"r": 64}))
+    assert notes(qlora) == [
+        "31.21 B params x 4.127 bit",
+        "1556 M params",  # embeddings + lm_head: 2 x 151936 x 5120
+        "595 M params",
+        "largest linear in bf16 during its matmul",
+        "537 M params, r=64",
+        "kept across 2 micro-steps",
+        "8 B per LoRA param",
+        "64 layers x 2 x 650 tokens x hidden",
+        "gradient checkpointing",
+        "2 x 171 x 151936 x 4 B x 3.5",
+        "3200 patches, frozen (no autograd)",
+        "resources.vram_margin_gib",
+    ]
+    full = estimate_train_vram(big, config(train={**QLORA, "method": "full", "quantization": "none"}))
+    assert notes(full)[:5] == [
+        "31.21 B params, not quantized",
+        "1556 M params",
+        "595 M params",
+        "33357 M params, method full",
+        "8 B per parameter",
+    ]
+    assert notes(estimate_merge_memory(big, Config())) == [
+        "33.36 B params x 2 B = 66.7 GB",
+        "r=64",
+        "one 5 GB safetensors shard",
+        "resources.ram_margin_gib",
+    ]
+    assert notes(estimate_merge_memory(big, config(resources={"merge_device": "cuda"}))) == [
+        "33.36 B params x 2 B = 66.7 GB",
+        "r=64",
+        "resources.vram_margin_gib",
+    ]
+    assert notes(estimate_ram("quantize", big, Config())) == [
+        "33.36 B params x 2 B = 66.7 GB",
+        "256 samples x 650 tokens",
+        "resources.ram_margin_gib",
+    ]
+
+
+def test_the_breakdown_of_other_settings_explains_each_term():
+    lora = config(
+        train={**QLORA, "method": "lora", "quantization": "none", "precision": "fp32", "micro_batch": 1},
+        lora={"r": 8, "dropout": 0.1, "target_modules": ["q_proj", "down_proj"]},
+    )
+    assert notes(estimate_train_vram(SHAPE, lora, gradient_checkpointing=False, grad_accum=1))[3:] == [
+        "0 M params, r=8",
+        "filled after the logits are freed",
+        "8 B per LoRA param",
+        "no gradient checkpointing",
+        "1 x 171 x 1000 x 4 B x 3.5",
+        "1600 patches, frozen (no autograd)",
+        "resources.vram_margin_gib",
+    ]
+    fused = config(train={**QLORA, "micro_batch": 4, "fused_kernels": "liger"}, lora=LORA8)
+    assert notes(estimate_train_vram(SHAPE, fused, uncheckpointed_layers=1))[7:] == [
+        "2 layers x 4 x 650 tokens x hidden",
+        "train.uncheckpointed_layers = 1",
+        "gradient checkpointing",
+        "64 rows x 1000 x 2 B x 2 (Liger: the full logits never exist)",
+        "6400 patches, frozen (no autograd)",
+        "resources.vram_margin_gib",
+    ]
+    ddp = estimate_train_vram(
+        SHAPE, config(train={**QLORA, "grad_accum": 1}, lora=LORA8), layout=Layout("ddp", 2)
+    )
+    assert notes(ddp)[5] == "alive with the DDP buckets"
+    assert notes(ddp)[-2] == "the LoRA gradients that NCCL all-reduces"
+    zero3 = estimate_train_vram(SHAPE, config(train=QLORA, lora=LORA8), layout=Layout("zero3", 2))
+    assert notes(zero3) == [
+        "sharded (ZeRO-3)",
+        "sharded (ZeRO-3)",
+        "sharded (ZeRO-3)",
+        "largest linear in bf16 during its matmul",
+        "DeepSpeed casts the trainable weights to bf16",
+        "sharded (ZeRO)",
+        "whole until reduced",
+        "sharded (ZeRO-2)",
+        "sharded (ZeRO)",
+        "3 layers x 2 x 650 tokens x hidden",
+        "gradient checkpointing",
+        "2 x 171 x 1000 x 4 B x 3.5",
+        "3200 patches, frozen (no autograd)",
+        "the current and the prefetched layer",
+        "resources.vram_margin_gib",
+    ]
+    ev = config(
+        eval={"batch_size": 2, "max_new_tokens": 50, "int4_kernel": "tinygemm"}, quantize={"group_size": 32}
+    )
+    w4 = estimate_eval_vram(SHAPE, ev)
+    assert w4.device == "gpu"
+    assert notes(w4) == [
+        "4.500 bit, AWQ",
+        "left unquantized",
+        "tinygemm layout",
+        "int4 layer during a many-row matmul",
+        "2 x (480 + 50) tokens",
+        "2 x 480 prompt tokens",
+        "3200 patches",
+        "resources.vram_margin_gib",
+    ]
+    assert notes(estimate_eval_vram(SHAPE, ev, packed_bytes=12345.0))[0] == (
+        "the safetensors of outputs/quantized, loaded without unpacking"
+    )
+    nf4 = estimate_eval_vram(
+        SHAPE, config(eval={"batch_size": 1, "max_new_tokens": 50}, lora=LORA8), weights="nf4"
+    )
+    assert notes(nf4)[4] == "r=8"
+    assert (nf4.device, rows(nf4)[1][1]) == ("gpu", (2 * EMBED + NORMS) * 2)  # bf16 beside the NF4 linears
+    quantize = estimate_quantize_vram(SHAPE, config(quantize={"num_calibration_samples": 4}))
+    assert quantize.device == "gpu"
+    assert notes(quantize) == [
+        "one decoder layer, or vision + embeddings",
+        "4 samples x 650 tokens",
+        "one module's outputs",
+        "resources.vram_margin_gib",
+    ]
+    train_ram = estimate_ram("train", SHAPE, config(train={**QLORA, "num_workers": 3}))
+    assert notes(train_ram) == [
+        "one safetensors shard (at most 5 GB)",
+        "3 x 1 GiB",
+        "resources.ram_margin_gib",
+    ]
+
+
+def test_tokens_follow_the_models_patch_size_in_every_job():
+    """A Qwen2.5-VL-like tower (14 px patches): 522 image tokens per 640x640 image, 2088 patches."""
+    qwen25 = ModelShape(**{**SHAPE.__dict__, "vision": VisionShape(**{**VISION.__dict__, "patch_size": 14})})
+    cfg = config(train=QLORA, lora=LORA8, quantize={"num_calibration_samples": 4})
+    assert estimate_train_vram(qwen25, cfg).inputs["seq_len"] == 522 + 250
+    assert estimate_eval_vram(qwen25, cfg).inputs["prompt_tokens"] == 522 + 80
+    assert calibration_tokens(cfg, qwen25) == 772
+    assert estimate_quantize_vram(qwen25, cfg).inputs["tokens"] == 772
+    assert rows(estimate_ram("quantize", qwen25, cfg))[1][1] == 4 * 772 * 64 * 2
+    merger = config(train=QLORA, lora={**LORA8, "train_merger": True})
+    assert estimate_train_vram(SHAPE, merger).inputs["lora_params"] == LORA_R8 + 8 * 448
+
+
+BIG = qwen3_vl_32b_shape()
+# Settings of the suggestion tests differ from the schema's defaults, so a suggestion computed on the
+# defaults instead of the user's config shows.
+BIG_TRAIN = {**QLORA, "fused_kernels": "liger", "micro_batch": 8, "grad_accum": 2, "uncheckpointed_layers": 4}
+
+
+def test_32b_train_suggestions_name_exact_figures():
+    cfg = config(train=BIG_TRAIN, lora={"r": 32}, resources={"vram_margin_gib": 1.0})
+    need = estimate_train_vram(BIG, cfg)
+
+    def suggestion(free: float) -> str:
+        return f"micro_batch 8 needs ~{need.total_gib:.1f} GiB, {free / GIB:.1f} GiB free: "
+
+    free = estimate_train_vram(BIG, cfg, uncheckpointed_layers=2).total_bytes
+    assert suggest_train_fit(BIG, cfg, free) == suggestion(free) + (
+        "train.uncheckpointed_layers=2 fits (recomputes more layers: slower, same result)"
+    )
+    free = estimate_train_vram(BIG, cfg, uncheckpointed_layers=0, micro_batch=5).total_bytes
+    assert suggest_train_fit(BIG, cfg, free) == suggestion(free) + (
+        "micro_batch 5 fits (set train.micro_batch=5 train.grad_accum=4 train.uncheckpointed_layers=0 "
+        "to keep the effective batch 16)"
+    )
+    free = estimate_train_vram(BIG, cfg, uncheckpointed_layers=0, micro_batch=6).total_bytes
+    assert suggest_train_fit(BIG, cfg, free).endswith(
+        "micro_batch 6 fits (set train.micro_batch=6 train.grad_accum=3 train.uncheckpointed_layers=0 to keep the effective batch 16)"
+    )
+    # The floor: micro-batch 1, every layer checkpointed.
+    floor = estimate_train_vram(BIG, cfg, micro_batch=1, gradient_checkpointing=True, uncheckpointed_layers=0)
+    assert suggest_train_fit(BIG, cfg, GIB) == suggestion(GIB) + (
+        f"nothing fits; micro_batch 1 needs ~{floor.total_gib:.1f} GiB (use a larger GPU, or free it)"
+    )
+    no_gc = config(train={**BIG_TRAIN, "gradient_checkpointing": False}, lora={"r": 32})
+    need = estimate_train_vram(BIG, no_gc)
+    floor = estimate_train_vram(BIG, no_gc, micro_batch=1, gradient_checkpointing=True)
+    assert suggest_train_fit(BIG, no_gc, GIB) == (
+        f"micro_batch 8 needs ~{need.total_gib:.1f} GiB, 1.0 GiB free: nothing fits; "
+        f"micro_batch 1 needs ~{floor.total_gib:.1f} GiB (use a larger GPU, or free it)"
+    )
+    assert suggest_train_fit(BIG, no_gc, floor.total_bytes).endswith(
+        ": set train.gradient_checkpointing=true and train.micro_batch=1"
+    )
+
+
+def test_32b_quantize_and_eval_suggestions_use_the_users_config():
+    cfg = config(
+        quantize={"num_calibration_samples": 128, "max_seq_length": 512},
+        eval={"batch_size": 6, "max_new_tokens": 256, "int4_kernel": "dequant"},
+        resources={"vram_margin_gib": 1.0},
+    )
+    free = estimate_quantize_vram(BIG, cfg, num_samples=32).total_bytes
+    need = estimate_quantize_vram(BIG, cfg).total_gib
+    assert suggest_quantize_fit(BIG, cfg, free) == (
+        f"AWQ with 128 samples needs ~{need:.1f} GiB, {free / GIB:.1f} GiB free: "
+        "quantize.num_calibration_samples=32 fits"
+    )
+    for weights, packed in (("w4a16", None), ("w4a16", 20 * GIB), ("nf4", None)):
+        need = estimate_eval_vram(BIG, cfg, weights=weights, packed_bytes=packed).total_gib
+        free = estimate_eval_vram(BIG, cfg, batch_size=3, weights=weights, packed_bytes=packed).total_bytes
+        assert suggest_eval_fit(BIG, cfg, free, weights, packed_bytes=packed) == (
+            f"eval batch 6 needs ~{need:.1f} GiB, {free / GIB:.1f} GiB free: eval.batch_size=3 fits"
+        ), (weights, packed)
