@@ -193,6 +193,7 @@ def test_activations_per_token_of_one_layer():
     assert layer_activation_bytes_per_token(SHAPE, 2, targets, lora_dropout=0.0) == plain * 2
     # Eager attention keeps scores and probabilities: 2 x heads x seq per token.
     assert layer_activation_bytes_per_token(SHAPE, 2, targets, "eager", 100) == plain * 2 + 2 * 4 * 100 * 2
+    assert layer_activation_bytes_per_token(SHAPE, 2, targets, "eager") == plain * 2  # no sequence given
     assert layer_activation_bytes_per_token(SHAPE, 4, targets, "eager", 100, 0.1) == (
         plain * 4 + 224 * 4 + 2 * 4 * 100 * 4
     )
@@ -205,6 +206,7 @@ def test_vision_forward_buffers():
     assert vision_forward_bytes(SHAPE, 0, 2, "sdpa") == 0.0
     assert vision_forward_bytes(TEXT_ONLY, 100, 2, "sdpa") == 0.0
     assert vision_forward_bytes(SHAPE, 1600, 2, "sdpa") == 1600 * VISION_PER_PATCH_BF16
+    assert vision_forward_bytes(SHAPE, 1, 2, "sdpa") == VISION_PER_PATCH_BF16
     assert vision_forward_bytes(SHAPE, 1600, 4, "sdpa") == 1600 * 2 * VISION_PER_PATCH_BF16
     assert vision_forward_bytes(SHAPE, 10, 2, "eager") == 10 * VISION_PER_PATCH_BF16 + 2 * 10 * 10 * 4
 
@@ -776,7 +778,7 @@ def test_ram_of_each_job():
         resources={"ram_margin_gib": 4.0},
     )
     train = estimate_ram("train", SHAPE, cfg)
-    assert (train.what, train.device) == ("train RAM", "ram")
+    assert (train.what, train.device, train.to_dict()["inputs"]) == ("train RAM", "ram", {})
     assert rows(train) == [
         ("loading buffer", COUNTS.total * 2, "transient", True),
         ("DataLoader workers", 3 * GIB, "static", True),

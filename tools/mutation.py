@@ -47,9 +47,8 @@ MODULES: dict[str, Module] = {
         ("tests/test_merge_verification.py",),
         ("x_compare_logits", "x_attended_logits", "x_merge_dtype"),
     ),
-    "preflight-estimate": Module(
-        "preflight/estimate.py", ("tests/test_estimate.py", "tests/test_preflight.py")
-    ),
+    # Term by term on a small shape (fast); tests/test_preflight.py checks the 32B totals against measurements.
+    "preflight-estimate": Module("preflight/estimate.py", ("tests/test_estimate.py",)),
     "run-registry": Module("runs.py", ("tests/test_runs.py",)),
     # Checkpoint completion and resume selection (being moved from training.py to runs.py).
     "resume-selection": Module(
