@@ -9,7 +9,8 @@ Prints the kill rate per module and exits 1 when one is below the target (90%).
 MODULE names a key of MODULES (default: all). Not part of `make test` or CI: it runs each module's
 tests once per mutant (tens of minutes in all on two cores). A mutant counts as killed when a test
 fails or times out; "no tests" and "survived" count against the rate. Mutants that cannot change
-behaviour (equivalent) are excluded in the source with `# pragma: no mutate` and a reason.
+behaviour (equivalent) are excluded in the source with `# pragma: no mutate` and a reason, or counted
+as survivors and listed in the README (where a pragma would hide killed mutants on the same line).
 """
 
 from __future__ import annotations
