@@ -465,8 +465,9 @@ def _parallel_items(
         Item(f"AdamW moments (1/{n})", lora * ADAM_STATE_BYTES / n, "sharded (ZeRO)"),
     )
     if layout.kind == "zero3":
+        # The stored weights only: "vision tower forward" (its activations) stays whole, and transient.
         weights = [
-            i for i in items if i.name.startswith(("LM decoder linears", "embeddings", "vision tower"))
+            i for i in items if i.name.startswith(("LM decoder linears", "embeddings", "vision tower ("))
         ]
         for item in weights:
             items = _replace(
