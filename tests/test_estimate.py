@@ -460,6 +460,25 @@ def test_full_training_keeps_a_gradient_and_two_moments_per_parameter():
     assert estimate_train_vram(SHAPE, cfg, precision="fp32").items[3].bytes == COUNTS.total * 4
 
 
+def test_full_training_on_several_gpus_shards_gradients_moments_and_master_weights():
+    cfg = config(train={**QLORA, "method": "full", "quantization": "none", "micro_batch": 1}, lora=LORA8)
+    single = {n: b for n, b, _, _ in rows(estimate_train_vram(SHAPE, cfg))}
+    ddp = {n: (b, k) for n, b, k, _ in rows(estimate_train_vram(SHAPE, cfg, layout=Layout("ddp", 2)))}
+    assert ddp["gradients (all parameters)"] == (COUNTS.total * 2, "static")
+    assert ddp["DDP gradient buckets"] == (COUNTS.total * 2, "static")
+    zero2 = {n: b for n, b, _, _ in rows(estimate_train_vram(SHAPE, cfg, layout=Layout("zero2", 4)))}
+    assert zero2["gradients (all parameters) (1/4)"] == COUNTS.total * 2 / 4
+    assert zero2["AdamW moments (1/4)"] == COUNTS.total * 8 / 4
+    assert zero2["fp32 master weights (1/4)"] == COUNTS.total * 4 / 4
+    assert "gradients (all parameters)" not in zero2 and "AdamW moments (fp32 m, v)" not in zero2
+    decoder = next(n for n in single if n.startswith("LM decoder linears"))
+    assert zero2[decoder] == single[decoder]
+    zero3 = {n: b for n, b, _, _ in rows(estimate_train_vram(SHAPE, cfg, layout=Layout("zero3", 4)))}
+    assert zero3[f"{decoder} (1/4)"] == single[decoder] / 4
+    per_layer = sum(a * b for a, b in SHAPE.decoder_linears().values())
+    assert zero3["gathered layers (ZeRO-3)"] == 2 * per_layer * 2
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Several GPUs
 
