@@ -1,6 +1,6 @@
 """The run registry and resume selection, on folders alone (no model): which run is finished, which runs
 belong to a config, which checkpoint is complete, which one a resume takes and what it says about the
-broken ones. `make mutation` runs these against pcbvlm.runs and the checkpoint functions of pcbvlm.training.
+broken ones. `make mutation` runs these against pcbvlm.runs.
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ import pytest
 from conftest import ROOT, make_checkpoint
 from pcbvlm.config import load_config
 from pcbvlm.errors import UserError
-from pcbvlm.runs import adapter_folder, full_model_folder, is_finished, list_runs, newest_finished_run
-from pcbvlm.training import (
+from pcbvlm.runs import (
     COMPLETE_MARKER,
     _unreadable_file,
+    adapter_folder,
     checkpoint_problem,
     checkpoint_step,
+    full_model_folder,
     is_complete_checkpoint,
+    is_finished,
     list_checkpoint_folders,
+    list_runs,
     newest_complete_checkpoint,
+    newest_finished_run,
     plan_run,
     write_checkpoint_marker,
 )
@@ -340,12 +344,12 @@ def test_newest_complete_checkpoint_by_step_and_a_warning_naming_each_broken_one
     assert newest_complete_checkpoint(run) is None
     for step in (9, 10):
         make_checkpoint(run / f"checkpoint-{step}", step)
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         assert newest_complete_checkpoint(run) == run / "checkpoint-10"  # 10 > 9 though "10" < "9"
     assert not caplog.records
 
     make_checkpoint(run / "checkpoint-11", 11, complete=False)
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         assert newest_complete_checkpoint(run) == run / "checkpoint-10"
     assert [r.getMessage() for r in caplog.records] == [
         "run: skipping broken checkpoint checkpoint-11 (no checkpoint.json (the save did not finish)); "
@@ -354,19 +358,19 @@ def test_newest_complete_checkpoint_by_step_and_a_warning_naming_each_broken_one
     assert caplog.records[0].levelno == logging.WARNING
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         assert newest_complete_checkpoint(run, warn=False) == run / "checkpoint-10"
     assert not caplog.records
 
     (run / "checkpoint-10" / "optimizer.pt").write_bytes(b"cut")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         assert newest_complete_checkpoint(run) == run / "checkpoint-9"
     assert caplog.records[0].getMessage().startswith("run: skipping broken checkpoints checkpoint-11 (")
 
     caplog.clear()
     (run / "checkpoint-9" / "scheduler.pt").unlink()
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         assert newest_complete_checkpoint(run) is None
     assert [r.getMessage() for r in caplog.records] == [
         "run: skipping broken checkpoints checkpoint-11 (no checkpoint.json (the save did not finish)), "
@@ -433,7 +437,7 @@ def test_explicit_resume_targets(runs_cfg, tmp_path, caplog):
     make_checkpoint(run / "checkpoint-6", 6, complete=False)
     plan = plan_run(runs_cfg, "other-identity", str(four))
     assert (plan.run_dir, plan.resume_from, plan.already_finished) == (run, four, False)
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         plan = plan_run(runs_cfg, "other-identity", str(run))
     assert (plan.run_dir, plan.resume_from) == (run, four)
     assert "checkpoint-6" in caplog.text

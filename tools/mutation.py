@@ -50,24 +50,13 @@ MODULES: dict[str, Module] = {
     ),
     # Term by term on a small shape (fast); tests/test_preflight.py checks the 32B totals against measurements.
     "preflight-estimate": Module("preflight/estimate.py", ("tests/test_estimate.py",)),
-    "run-registry": Module("runs.py", ("tests/test_runs.py",)),
-    # Checkpoint completion and resume selection (being moved from training.py to runs.py).
-    "resume-selection": Module(
-        "training.py",
+    # The run registry: identity, checkpoint completion, resume selection, run lock, finished runs.
+    "run-registry": Module(
+        "runs.py",
         (
             "tests/test_runs.py",
             "tests/test_training.py::test_resume_picks_the_newest_complete_checkpoint_of_the_newest_run",
             "tests/test_training.py::test_checkpoint_marker_lists_every_file_with_its_size",
-        ),
-        (
-            "x__unreadable_file",
-            "x_checkpoint_problem",
-            "x_is_complete_checkpoint",
-            "x_checkpoint_step",
-            "x_list_checkpoint_folders",
-            "x_newest_complete_checkpoint",
-            "x_write_checkpoint_marker",
-            "x_plan_run",
         ),
     ),
 }
