@@ -9,7 +9,7 @@
 set -o pipefail
 HERE=.dev/20
 LAYERS=${LAYERS:-16}
-STEPS=${STEPS:-3}
+STEPS=${STEPS:-4}
 BUDGET=${BUDGET:-540}
 OUT=${OUT:-/tmp/out20}
 R=$OUT/20

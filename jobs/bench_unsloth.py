@@ -41,8 +41,14 @@ def main(argv=None) -> int:
         return 0
     if args.checkpoint is None:
         raise UserError(f"{args.step}: --checkpoint is required")
+    import_s = None
     if args.step == "unsloth":  # before anything imports transformers (pcbvlm.bench_unsloth does)
+        import time
+
+        begin = time.perf_counter()
         import unsloth  # noqa: F401
+
+        import_s = round(time.perf_counter() - begin, 1)
     from pcbvlm import bench_unsloth
 
     cfg = config_from_args(args)
@@ -57,7 +63,7 @@ def main(argv=None) -> int:
     if args.step == "unsloth":
         batches = tuple(int(b) for b in args.micro_batches.split(",") if b.strip())
         bench_unsloth.run_unsloth(
-            args.out, args.checkpoint, args.steps, batches, args.cap_gib, not args.no_4bit, cfg
+            args.out, args.checkpoint, args.steps, batches, args.cap_gib, not args.no_4bit, cfg, import_s
         )
     else:
         bench_unsloth.run_ours(args.out, args.checkpoint, args.steps, args.cap_gib, args.deadline_s, cfg)
