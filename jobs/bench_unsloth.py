@@ -4,7 +4,7 @@ Each step is its own process (`import unsloth` patches transformers for the whol
 python jobs/bench_unsloth.py checkpoint --checkpoint /tmp/ckpt --layers 16   # random 32B-shape folder
 python jobs/bench_unsloth.py unsloth --checkpoint /tmp/ckpt --out unsloth.json --steps 3
 python jobs/bench_unsloth.py ours --checkpoint /tmp/ckpt --out ours.json --steps 3
-python jobs/bench_unsloth.py table --out ours.json --unsloth unsloth.json     # the side-by-side table
+python jobs/bench_unsloth.py table --out ours.json --unsloth unsloth.json --png x.png  # table, picture
 Add --narrow to `checkpoint` for a tiny-width model (a CPU dry run of every step).
 """
 
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batches", default="16", help="unsloth: micro-batch sizes, comma separated")
     parser.add_argument("--cap-gib", type=float, default=80.0, help="memory cap (80 = an A800 80 GB)")
     parser.add_argument("--no-4bit", action="store_true", help="unsloth: bf16 base (CPU dry run)")
+    parser.add_argument("--png", type=Path, help="table: also draw the rows into this picture")
     parser.add_argument("--deadline-s", type=float, help="ours: skip rows after this many seconds")
     args = parser.parse_args(argv)
 
@@ -38,6 +39,10 @@ def main(argv=None) -> int:
         ours = _read(args.out)
         theirs = _read(args.unsloth)
         print(markdown_table(ours, theirs))
+        if args.png:
+            from pcbvlm.bench_unsloth import plot
+
+            print(f"picture: {plot(ours, theirs, args.png)}")
         return 0
     if args.checkpoint is None:
         raise UserError(f"{args.step}: --checkpoint is required")

@@ -376,3 +376,40 @@ def markdown_table(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -
     if theirs and theirs.get("status") not in (None, "ok"):
         lines.append(f"\nUnsloth: {theirs['status']}")
     return "\n".join(lines) + "\n"
+
+
+def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path) -> Path:
+    """Bars of s/sample (left) and peak GiB (right) for every measured row of both sides."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pcbvlm.io import atomic_write_bytes
+
+    rows = [
+        r
+        for r in [*(theirs or {}).get("train", []), *(ours or {}).get("train", [])]
+        if r.get("status") == "ok"
+    ]
+    fig = Figure(figsize=(12, 0.55 * max(len(rows), 2) + 1.6), dpi=100)
+    FigureCanvasAgg(fig)
+    speed, memory = fig.subplots(1, 2, sharey=True)
+    names = [r["setting"]["name"][:70] for r in rows]
+    colors = ["tab:orange" if r["setting"]["name"].startswith("Unsloth") else "tab:blue" for r in rows]
+    speed.barh(names, [r["s_per_sample"] for r in rows], color=colors)
+    memory.barh(names, [r["peak_gib"] or 0 for r in rows], color=colors)
+    speed.set_xlabel("s / sample (lower is faster)")
+    memory.set_xlabel("peak GiB")
+    speed.invert_yaxis()
+    layers = (ours or {}).get("layers")
+    fig.suptitle(
+        f"Training step, Qwen3-VL-32B shape{f' cut to {layers} decoder layers' if layers else ''}, "
+        "random weights, same batch; orange: Unsloth"
+    )
+    for ax in (speed, memory):
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
