@@ -393,7 +393,8 @@ def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path)
     fig = Figure(figsize=(12, 0.55 * max(len(rows), 2) + 1.6), dpi=100)
     FigureCanvasAgg(fig)
     speed, memory = fig.subplots(1, 2, sharey=True)
-    names = [r["setting"]["name"][:70] for r in rows]
+    # long names shortened in the middle, so that rows differing only at the end stay apart
+    names = [n if len(n) <= 64 else f"{n[:46]}...{n[-15:]}" for n in (r["setting"]["name"] for r in rows)]
     colors = ["tab:orange" if r["setting"]["name"].startswith("Unsloth") else "tab:blue" for r in rows]
     speed.barh(names, [r["s_per_sample"] for r in rows], color=colors)
     memory.barh(names, [r["peak_gib"] or 0 for r in rows], color=colors)
