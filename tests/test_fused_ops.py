@@ -80,6 +80,15 @@ def test_fused_lora_falls_back_to_peft_when_adapters_are_off_or_merged(tiny_trai
         layer.merge()
         torch.testing.assert_close(layer(x), plain_out, rtol=1e-5, atol=1e-5)  # not added twice
         layer.unmerge()
+        # DeepSpeed ZeRO-3 marks partitioned parameters with `ds_id`: peft's own forward gathers them
+        calls = []
+        unfused = layer.pcbvlm_unfused_forward
+        layer.pcbvlm_unfused_forward = lambda *a, **k: calls.append(1) or unfused(*a, **k)
+        layer.lora_B["default"].weight.ds_id = 7
+        torch.testing.assert_close(layer(x), plain_out, rtol=1e-6, atol=1e-6)
+        assert calls == [1]
+        del layer.lora_B["default"].weight.ds_id
+        layer.pcbvlm_unfused_forward = unfused
     unfuse_lora_adds(model)
     assert _fused_layers(model) == 0
 

@@ -24,8 +24,13 @@ import torch
 
 def _plain_lora_layer(layer, args: tuple, kwargs: dict) -> bool:
     """Whether `layer` is in the state the fused path handles: adapters on, unmerged, vanilla LoRA (no
-    DoRA or other variant, no LoRA bias) and no extra forward arguments (mixed-batch adapter names)."""
+    DoRA or other variant, no LoRA bias), no extra forward arguments (mixed-batch adapter names) and
+    no ZeRO-3-partitioned adapter weights."""
     if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    # DeepSpeed ZeRO-3 partitions parameters (they carry `ds_id`) and gathers a weight only inside its
+    # own module's forward: the addmm reads lora_B.weight directly, so it would see an empty shard.
+    if any(hasattr(layer.lora_B[a].weight, "ds_id") for a in layer.active_adapters if a in layer.lora_B):
         return False
     if getattr(layer, "lora_variant", None) and any(a in layer.lora_variant for a in layer.active_adapters):
         return False
