@@ -168,3 +168,16 @@ def test_fused_levers_are_config_switches(tiny_train_cfg):
     assert _fused_layers(model) == 0
     setting = configured_setting(Config())
     assert setting.fused_lora and setting.fused_swiglu
+
+
+def test_preflight_counts_the_activation_the_fused_swiglu_does_not_keep():
+    from pcbvlm.config import Config
+    from pcbvlm.preflight.estimate import estimate_train_vram
+    from pcbvlm.shapes import qwen3_vl_32b_config
+
+    common = dict(micro_batch=16, seq_len=718, logit_tokens=231, uncheckpointed_layers=10)
+    plain = estimate_train_vram(qwen3_vl_32b_config(), Config(), **common, fused_swiglu=False)
+    fused = estimate_train_vram(qwen3_vl_32b_config(), Config(), **common, fused_swiglu=True)
+    # one 25600-wide bf16 tensor per token in each of the 10 kept layers (the recomputed layer is a
+    # transient term, smaller than the peak's largest transient here)
+    assert plain.total_bytes - fused.total_bytes == 10 * 16 * 718 * 25600 * 2

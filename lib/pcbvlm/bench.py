@@ -592,6 +592,7 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
         gradient_checkpointing=setting["gradient_checkpointing"] or setting["naive"],
         uncheckpointed_layers=setting["uncheckpointed_layers"],
         fused_cross_entropy=setting["fused_kernels"],
+        fused_swiglu=setting.get("fused_swiglu", False),
     )
     result["preflight_estimate_gib"] = round(estimate.total_gib, 2)
     result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)
