@@ -7,7 +7,10 @@
 #   2. `import unsloth` check (in the background) while the random checkpoint is saved to /tmp
 #   3. Unsloth's rows (first: the most uncertain part), 4. this project's rows, 5. the table.
 set -o pipefail
-HERE=.dev/20
+# The device call carries a copy of lib/, jobs/, config/ and the wheels in .dev/20; in a checkout that
+# has no such copy, the repo's own lib/ and jobs/ are used (wheels still expected in $HERE/whl).
+HERE=${HERE:-.dev/20}
+[ -d "$HERE/lib" ] || HERE=.
 LAYERS=${LAYERS:-16}
 STEPS=${STEPS:-4}
 BUDGET=${BUDGET:-540}
