@@ -56,6 +56,17 @@ def test_an_unknown_model_type_is_one_error_naming_it_and_the_known_ones(tmp_pat
         family_for(tmp_path)
 
 
+def test_every_family_sets_what_model_family_leaves_to_it():
+    """The class attributes `ModelFamily` declares without a value (README "Adding a model family", step 1)
+    are set by every registered family: a family without `coordinates` would fail at its first prompt."""
+    from pcbvlm.families.base import ModelFamily
+
+    required = [name for name in ModelFamily.__annotations__ if name not in vars(ModelFamily)]
+    assert "coordinates" in required and "config_class_name" in required
+    for family in FAMILIES.values():
+        assert [name for name in required if not hasattr(family, name)] == [], family
+
+
 def test_the_family_comes_from_config_json_else_from_the_name(tmp_path, tiny_model_dir, tiny_qwen25_dir):
     assert family_for(tiny_model_dir).model_type == "qwen3_vl"
     assert family_for(tiny_qwen25_dir).model_type == "qwen2_5_vl"
