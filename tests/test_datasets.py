@@ -377,6 +377,21 @@ def test_prompt_without_placeholder_warns_when_it_does_not_name_the_classes(tmp_
         console=console,
     )
     assert "warning: the prompt does not name the classes scratch, dent" in console.file.getvalue()
+    assert "warning: the prompt does not say" in console.file.getvalue()
+
+
+def test_prompt_without_coordinates_placeholder_warns_unless_it_names_the_familys(tmp_path):
+    src = _scratch_boards(tmp_path)
+    warning = "warning: the prompt does not say 'absolute pixel coordinates' (qwen2_5_vl answers in them)"
+    for prompt, warned in [
+        ("Find {classes} in 0-1000 relative coordinates.", True),
+        ("Find {classes} in absolute pixel coordinates.", False),
+        ("Find {classes} in {coordinates}.", False),
+    ]:
+        console = Console(file=io.StringIO(), width=400)  # the warning on one line
+        cfg = _config("model.name_or_path=Qwen/Qwen2.5-VL-32B-Instruct", f"data.prompt='{prompt}'")
+        prepare_data(cfg, source=src, out_dir=tmp_path / "o", fmt="coco", progress=False, console=console)
+        assert (warning in console.file.getvalue()) is warned, prompt
 
 
 def test_templates_are_deeppcb_only(tmp_path):
