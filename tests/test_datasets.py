@@ -377,6 +377,21 @@ def test_prompt_without_placeholder_warns_when_it_does_not_name_the_classes(tmp_
         console=console,
     )
     assert "warning: the prompt does not name the classes scratch, dent" in console.file.getvalue()
+    assert "warning: the prompt does not say" in console.file.getvalue()
+
+
+def test_prompt_without_coordinates_placeholder_warns_unless_it_names_the_familys(tmp_path):
+    src = _scratch_boards(tmp_path)
+    warning = "warning: the prompt does not say 'absolute pixel coordinates' (qwen2_5_vl answers in them)"
+    for prompt, warned in [
+        ("Find {classes} in 0-1000 relative coordinates.", True),
+        ("Find {classes} in absolute pixel coordinates.", False),
+        ("Find {classes} in {coordinates}.", False),
+    ]:
+        console = Console(file=io.StringIO(), width=400)  # the warning on one line
+        cfg = _config("model.name_or_path=Qwen/Qwen2.5-VL-32B-Instruct", f"data.prompt='{prompt}'")
+        prepare_data(cfg, source=src, out_dir=tmp_path / "o", fmt="coco", progress=False, console=console)
+        assert (warning in console.file.getvalue()) is warned, prompt
 
 
 def test_templates_are_deeppcb_only(tmp_path):
@@ -440,17 +455,18 @@ def test_make_data_passes_format_and_src():
 
 
 @pytest.fixture(scope="module")
-def square_boards(tmp_path_factory) -> list[Board]:
+def strict_boards(tmp_path_factory) -> list[Board]:
+    """Non-square boards (384x256) for the per-format validation tests; square ones: below."""
     return deeppcb_boards(make_deeppcb(tmp_path_factory.mktemp("strict"), SHAPES["non-square"], seed=8))
 
 
 @pytest.fixture(scope="module")
-def clean_sources(square_boards, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def clean_sources(strict_boards, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Per format: (clean source, a good conversion of it that a failed strict run must leave alone)."""
     root = tmp_path_factory.mktemp("clean")
     out = {}
     for fmt, writer in WRITERS.items():
-        src = writer(square_boards, root / fmt)
+        src = writer(strict_boards, root / fmt)
         converted = root / f"{fmt}-converted"
         prepare_data(
             _config(), source=src, out_dir=converted, fmt=fmt, strict=True, progress=False, console=_quiet()
@@ -638,6 +654,71 @@ def test_missing_layout_is_an_error_in_any_mode(fmt, remove, expected, clean_sou
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {src.resolve()}/{expected}"), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def sources_by_shape(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(shape, format) -> a clean source of square or non-square boards."""
+    root = tmp_path_factory.mktemp("shapes")
+    sources = {}
+    for shape, canvas in SHAPES.items():
+        board_list = deeppcb_boards(make_deeppcb(root / shape, canvas, seed=9))
+        for fmt, writer in WRITERS.items():
+            sources[(shape, fmt)] = writer(board_list, root / shape / fmt)
+    return sources
+
+
+def _set_coco_box(coco, bbox) -> int:
+    coco["annotations"][-1]["bbox"] = bbox
+    return len(coco["annotations"]) - 1
+
+
+def _coco_low(src: Path) -> tuple[str, str]:
+    return _coco_edit(lambda coco: _set_coco_box(coco, [5, 250, 20, 50]))(src)
+
+
+def _voc_low(src: Path) -> tuple[str, str]:
+    import re
+
+    xml = _first_voc(src)
+    text = xml.read_text()
+    xml.write_text(re.sub(r"<ymax>\d+</ymax>", "<ymax>300</ymax>", text, count=1))
+    return xml.stem, f"{xml.resolve()} line {text.splitlines().index('  <object>') + 1}"
+
+
+# A box reaching y = 300 px: below a 256 px high image, whether it is 256 or 384 px wide (a converter
+# that checked y against the width would pass it on the non-square boards).
+BOX_BELOW_THE_IMAGE = {
+    "coco": _coco_low,
+    "yolo": _yolo_line("1 0.1 0.95 0.05 0.3"),  # y from 204.8 to 281.6 px
+    "voc": _voc_low,
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("fmt", list(BOX_BELOW_THE_IMAGE))
+def test_strict_fails_on_square_and_non_square_boards_and_keeps_previous_outputs(
+    fmt, shape, sources_by_shape, tmp_path
+):
+    """`make data FORMAT=... STRICT=1`: exit 2, one error line naming the file and line, the previous
+    conversion untouched; without STRICT the board is skipped and the rest written."""
+    src = tmp_path / fmt
+    shutil.copytree(sources_by_shape[(shape, fmt)], src)
+    out = tmp_path / "converted"
+    prepare_data(_config(), source=src, out_dir=out, fmt=fmt, strict=True, progress=False, console=_quiet())
+    before = _read_outputs(out)
+    sid, where = BOX_BELOW_THE_IMAGE[fmt](src)
+    width = SHAPES[shape][0] if SHAPES[shape] else SIZE
+    proc = run_job("data", "--format", fmt, "--src", str(src), "--out", str(out), "--strict")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert f"lies outside the {width}x{SIZE} image" in error and where in error, error
+    assert _read_outputs(out) == before
+    lenient = tmp_path / "lenient"
+    prepare_data(_config(), source=src, out_dir=lenient, fmt=fmt, progress=False, console=_quiet())
+    ids = list(_by_id(lenient))
+    assert sid not in ids and len(ids) == NUM - 1
 
 
 def test_coco_broken_json_names_the_line(tmp_path):

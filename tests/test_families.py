@@ -56,6 +56,17 @@ def test_an_unknown_model_type_is_one_error_naming_it_and_the_known_ones(tmp_pat
         family_for(tmp_path)
 
 
+def test_every_family_sets_what_model_family_leaves_to_it():
+    """The class attributes `ModelFamily` declares without a value (README "Adding a model family", step 1)
+    are set by every registered family: a family without `coordinates` would fail at its first prompt."""
+    from pcbvlm.families.base import ModelFamily
+
+    required = [name for name in ModelFamily.__annotations__ if name not in vars(ModelFamily)]
+    assert "coordinates" in required and "config_class_name" in required
+    for family in FAMILIES.values():
+        assert [name for name in required if not hasattr(family, name)] == [], family
+
+
 def test_the_family_comes_from_config_json_else_from_the_name(tmp_path, tiny_model_dir, tiny_qwen25_dir):
     assert family_for(tiny_model_dir).model_type == "qwen3_vl"
     assert family_for(tiny_qwen25_dir).model_type == "qwen2_5_vl"
@@ -173,8 +184,9 @@ def test_trained_answers_parse_back_only_in_their_own_familys_frame(width, heigh
 def test_generation_reads_each_models_answers_in_its_familys_frame(
     tiny_model_dir, tiny_qwen25_dir, monkeypatch
 ):
-    """generate_predictions (the evaluation job's path) turns each model's answer text into the pixel
-    boxes it was written from, on a non-square board the processor resizes."""
+    """generate_predictions (the evaluation job's path) asks each model in its family's coordinates and
+    turns its answer text into the pixel boxes it was written from, on a non-square board the processor
+    resizes."""
     from pcbvlm import generate
 
     width, height = 640, 480
@@ -187,17 +199,95 @@ def test_generation_reads_each_models_answers_in_its_familys_frame(
         loaded = generate.LoadedModel(
             family.model_class().from_pretrained(folder), None, "merged", str(folder)
         )
-        monkeypatch.setattr(generate, "generate_batch", lambda loaded, batch, n, text=text: [(text, [], [])])
+        asked = []
+
+        def answer(loaded, batch, n, text=text, asked=asked):
+            asked.extend(batch)
+            return [(text, [], [])]
+
+        monkeypatch.setattr(generate, "generate_batch", answer)
         (prediction,), _ = generate.generate_predictions(cfg, None, [sample], 1, 32, loaded=loaded)
         (obj,) = prediction["objects"]
         assert max(abs(a - b) for a, b in zip(obj["bbox"], truth[0]["bbox"], strict=True)) <= 1.0
+        (messages,) = asked
+        assert messages == build_messages(sample, cfg.data, with_answer=False, family=family)
+        assert family.coordinates in _prompt(messages)
+
+
+def _prompt(messages: list[dict]) -> str:
+    """The text of a chat's user turn."""
+    return messages[0]["content"][-1]["text"]
+
+
+PIXEL_PROMPT = (
+    "Find every defect on this printed circuit board image. The defect classes are: open, short, mousebite, "
+    'spur, copper, pin-hole. Answer with a JSON list of objects {"bbox_2d": [x1, y1, x2, y2], "label": class} '
+    "in absolute pixel coordinates; answer [] if there is no defect."
+)
+
+
+def test_the_prompt_names_each_familys_coordinates():
+    """A Qwen2.5-VL is asked for pixels, not for the 0-1000 of Qwen3-VL (whose prompt is unchanged), in the
+    shipped config's prompts and the defaults; a prompt without {coordinates} is used as written."""
+    sample = {"image": "/b.jpg", "template": "/t.jpg", "width": 640, "height": 480, "objects": []}
+    qwen3, qwen25 = get_family("qwen3_vl"), get_family("qwen2_5_vl")
+    for cfg in (load_config(ROOT / "config" / "config.yaml"), load_config(QWEN25_CONFIG)):
+        assert _prompt(build_messages(sample, cfg.data, family=qwen25)) == PIXEL_PROMPT
+        assert _prompt(build_messages(sample, cfg.data, family=qwen3)) == PIXEL_PROMPT.replace(
+            "absolute pixel coordinates", "0-1000 relative coordinates"
+        )
+        assert _prompt(build_messages(sample, cfg.data)) == _prompt(
+            build_messages(sample, cfg.data, family=qwen3)
+        )
+        templated = cfg.data.model_copy(update={"with_template": True})
+        text = _prompt(build_messages(sample, templated, family=qwen25))
+        assert "in absolute pixel coordinates of the second image" in text and "1000" not in text
+        own = cfg.data.model_copy(update={"prompt": "Boxes in 0-1000, please: {classes}."})
+        for family in (qwen3, qwen25):
+            assert _prompt(build_messages(sample, own, family=family)) == (
+                "Boxes in 0-1000, please: open, short, mousebite, spur, copper, pin-hole."
+            )
+
+
+@pytest.mark.parametrize("entry", ["infer", "ui"])
+def test_inference_asks_a_qwen2_5_vl_for_pixels(entry, tiny_qwen25_dir, tmp_path, monkeypatch):
+    """`pcbvlm infer` and the UI's inspector prompt the loaded model in its family's coordinates."""
+    from pcbvlm import generate
+
+    image = tmp_path / "board.png"
+    Image.new("RGB", (256, 160), (30, 120, 40)).save(image)
+    cfg = load_config(
+        QWEN25_CONFIG, [f"model.name_or_path={tiny_qwen25_dir}", f"paths.data_dir={tmp_path / 'data'}"]
+    )
+    asked = []
+
+    def answer(loaded, batch, n):
+        asked.extend(batch)
+        return [("[]", [], [])]
+
+    monkeypatch.setattr(generate, "generate_batch", answer)
+    if entry == "infer":
+        from pcbvlm.commands.infer import main
+
+        args = ["--config", str(QWEN25_CONFIG), "--set", f"model.name_or_path={tiny_qwen25_dir}"]
+        args += ["--set", f"paths.data_dir={tmp_path / 'data'}"]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_job(main, [*args, "--image", str(image), "--model", str(tiny_qwen25_dir)])
+        assert exit_info.value.code == 0
+    else:
+        from pcbvlm.ui import Inspector
+
+        assert Inspector(cfg, str(tiny_qwen25_dir)).detect(image).objects == []
+    (messages,) = asked
+    assert _prompt(messages) == PIXEL_PROMPT
 
 
 def test_training_writes_answers_for_the_trained_family_whatever_make_data_wrote(
     tiny_data_dir, tiny_qwen25_dir
 ):
     """Data converted with the Qwen3-VL config (0-1000 answers) and trained as Qwen2.5-VL: the training
-    chats carry resized-pixel answers, so a data folder cannot teach one family another's coordinates."""
+    chats carry resized-pixel answers and a prompt asking for pixels, so a data folder cannot teach one
+    family another's coordinates."""
     from pcbvlm.training import training_samples
 
     stored = [json.loads(line) for line in (tiny_data_dir / "train.jsonl").read_text().splitlines()]
@@ -216,6 +306,10 @@ def test_training_writes_answers_for_the_trained_family_whatever_make_data_wrote
             for o in row["objects"]
         ]
         assert [a["bbox_2d"] for a in answer] == pixels
+        assert "0-1000 relative coordinates" in _prompt(before["messages"])
+        assert _prompt(row["messages"]) == _prompt(before["messages"]).replace(
+            "0-1000 relative coordinates", "absolute pixel coordinates"
+        )
         changed += row["messages"][-1] != before["messages"][-1]
     assert changed == sum(1 for r in rows if r["objects"])  # every answer with a box was rewritten
 
@@ -269,6 +363,7 @@ def test_qwen2_5_vl_runs_data_train_merge_quantize_eval(tmp_path, clean_env):
         answer = json.loads(row["messages"][-1]["content"][0]["text"])
         expected = [family.to_answer_box(o["bbox"], 256, 160, 4096, 16384) for o in row["objects"]]
         assert [a["bbox_2d"] for a in answer] == expected
+        assert _prompt(row["messages"]) == PIXEL_PROMPT  # asked in the family's coordinates too
 
     _job("train", [*common, "--resume", "no"])
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen2_5_vl"

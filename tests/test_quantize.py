@@ -23,6 +23,7 @@ from pcbvlm import cli
 from pcbvlm.collator import TrainCollator
 from pcbvlm.deeppcb import load_samples
 from pcbvlm.errors import EXIT_FAILED, UserError
+from pcbvlm.families import family_for
 from pcbvlm.io import PARTIAL_MARK
 from pcbvlm.merge import merge_adapter
 from pcbvlm.processing import load_processor
@@ -142,7 +143,7 @@ def test_quantized_model_reloads_generates_and_stays_close(quantized, merged, cf
     assert 0 < rel_rms < MAX_REL_RMS
     assert top1 > MIN_TOP1
 
-    prompts = generation_inputs(processor, samples, cfg)
+    prompts = generation_inputs(processor, samples, cfg, family_for(quantized))
     out = model.generate(**prompts, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     assert out.shape[1] == prompts["input_ids"].shape[1] + 8
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 Frame = tuple[int, int]
 REL_SCALE = 1000
 RELATIVE_FRAME: Frame = (REL_SCALE, REL_SCALE)  # Qwen3-VL's 0-1000 of the image
+# How a prompt names the relative frame (a prompt's `{coordinates}`, pcbvlm.samples.render_prompt).
+RELATIVE_COORDINATES = "0-1000 relative coordinates"
 
 
 def to_frame(box: Sequence[float], width: int, height: int, frame: Frame) -> list[int]:

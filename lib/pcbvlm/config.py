@@ -55,18 +55,19 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    # {classes} in a prompt becomes the dataset's class names, comma separated (pcbvlm.samples.render_prompt).
+    # {classes} in a prompt becomes the dataset's class names, comma separated, and {coordinates} the model
+    # family's answer frame ("0-1000 relative coordinates", "absolute pixel coordinates"): pcbvlm.samples.render_prompt.
     prompt: str = (
         "Find every defect on this printed circuit board image. The defect classes are: "
         "{classes}. Answer with a JSON list of objects "
-        '{"bbox_2d": [x1, y1, x2, y2], "label": class} in 0-1000 relative coordinates; '
+        '{"bbox_2d": [x1, y1, x2, y2], "label": class} in {coordinates}; '
         "answer [] if there is no defect."
     )
     template_prompt: str = (
         "The first image is the defect-free template of the board; the second image is the board under test. "
         "Find every defect on the board under test. The defect classes are: "
         "{classes}. Answer with a JSON list of objects "
-        '{"bbox_2d": [x1, y1, x2, y2], "label": class} in 0-1000 relative coordinates of the second image; '
+        '{"bbox_2d": [x1, y1, x2, y2], "label": class} in {coordinates} of the second image; '
         "answer [] if there is no defect."
     )
     with_template: bool = False  # show the defect-free template before the test image

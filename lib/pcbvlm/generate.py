@@ -327,7 +327,8 @@ def generate_predictions(
     with tqdm(total=len(samples), desc=f"generating ({loaded.kind})", unit="img") as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            messages = [build_messages(s, cfg.data, with_answer=False) for s in chunk]
+            # The prompt names the loaded model's coordinates, as it did in training.
+            messages = [build_messages(s, cfg.data, with_answer=False, family=loaded.family) for s in chunk]
             begin = time.perf_counter()
             outputs = generate_batch(loaded, messages, max_new_tokens)
             seconds += time.perf_counter() - begin

@@ -134,18 +134,20 @@ class CalibrationSet:
     tokens: int
 
 
-def calibration_set(cfg: Config, processor, dtype: torch.dtype) -> CalibrationSet:
+def calibration_set(cfg: Config, processor, dtype: torch.dtype, family: ModelFamily) -> CalibrationSet:
     """`num_calibration_samples` training samples (a seeded choice), each one batch of one sequence:
-    input_ids, attention_mask, mm_token_type_ids, pixel_values (in the model's dtype), image_grid_thw.
+    input_ids, attention_mask, mm_token_type_ids, pixel_values (in the model's dtype), image_grid_thw,
+    written for `family` as training wrote them (prompt and answer in its coordinates).
     No labels: calibration needs activations, not a loss."""
     from pcbvlm.collator import IGNORE_INDEX, TrainCollator
-    from pcbvlm.samples import load_samples
+    from pcbvlm.samples import load_samples, set_answers
 
     rows = load_samples(Path(cfg.paths.data_dir), "train")
     if not rows:
         raise DataError(f"{cfg.paths.data_dir}/train.jsonl: no training samples to calibrate on")
     rng = random.Random(cfg.train.seed)
     chosen = rng.sample(range(len(rows)), min(cfg.quantize.num_calibration_samples, len(rows)))
+    set_answers([rows[index] for index in chosen], cfg.data, family)
     collator = TrainCollator(processor)
     limit = cfg.quantize.max_seq_length
     batches, skipped, truncated, tokens = [], 0, 0, 0
@@ -274,12 +276,14 @@ def _ignore_renamed_modules(folder: Path, module_names: set[str], patterns: list
 # Verification
 
 
-def generation_inputs(processor, samples: list[dict[str, Any]], cfg: Config) -> dict[str, torch.Tensor]:
-    """The evaluation prompts (no answer) of `samples`, left-padded into one batch."""
+def generation_inputs(
+    processor, samples: list[dict[str, Any]], cfg: Config, family: ModelFamily
+) -> dict[str, torch.Tensor]:
+    """The evaluation prompts (no answer) of `samples` for a model of `family`, left-padded into one batch."""
     from pcbvlm.collator import image_paths, load_image
     from pcbvlm.samples import build_messages
 
-    chats = [build_messages(s, cfg.data, with_answer=False) for s in samples]
+    chats = [build_messages(s, cfg.data, with_answer=False, family=family) for s in samples]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     images = [load_image(p) for c in chats for p in image_paths(c)]
     # New tokens are appended on the right, so prompts are padded on the left.
@@ -453,7 +457,7 @@ def quantize_model(
     )
     dtype = net.dtype
     check_group_size(net, cfg.quantize.group_size)
-    calibration = calibration_set(cfg, processor, dtype)
+    calibration = calibration_set(cfg, processor, dtype, family)
     stages["load_s"] = time.perf_counter() - tick
 
     reference_logits, reference_answers, batch, prompts = None, [], None, None
@@ -461,7 +465,7 @@ def quantize_model(
     if samples:
         tick = time.perf_counter()
         batch = TrainCollator(processor)(samples)
-        prompts = generation_inputs(processor, samples, cfg)
+        prompts = generation_inputs(processor, samples, cfg, family)
         _on_device(net, device)
         reference_logits = attended_logits(net, batch, exec_device, dtype)
         reference_answers = greedy_answers(net, processor, prompts, exec_device, dtype, max_new_tokens)

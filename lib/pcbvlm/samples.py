@@ -12,9 +12,10 @@ one sample:
 The class list travels with the dataset: in every sample and in stats.json (`classes`). Data converted
 before class lists existed has neither; it is DeepPCB data, so `DEFAULT_CLASSES` (pcbvlm.labels) applies.
 
-The assistant turn is written in the answer frame of a model family (pcbvlm.families): `make data`
-writes it for the configured model's family, and training writes it again for the family it trains
-(`set_answers`), so data converted for one family can never teach another family's coordinates.
+The prompt names (its `{coordinates}`), and the assistant turn is written in, the answer frame of a
+model family (pcbvlm.families): `make data` writes the chat for the configured model's family, and
+training writes it again for the family it trains (`set_answers`), so data converted for one family can
+never teach another family's coordinates.
 
 Public API: `build_messages`, `set_answers`, `render_prompt`, `load_samples`, `dataset_classes`,
 `OUTPUT_SPLITS`, `STATS_FILE`.
@@ -27,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pcbvlm.answer import RELATIVE_FRAME, format_answer
+from pcbvlm.answer import RELATIVE_COORDINATES, RELATIVE_FRAME, format_answer
 from pcbvlm.config import DataConfig
 from pcbvlm.errors import DataError
 from pcbvlm.io import read_jsonl
@@ -39,17 +40,23 @@ if TYPE_CHECKING:
 OUTPUT_SPLITS: tuple[str, ...] = ("train", "val", "test")
 STATS_FILE = "stats.json"
 CLASSES_PLACEHOLDER = "{classes}"
+COORDINATES_PLACEHOLDER = "{coordinates}"
 # The class list of data written before datasets carried their own (those were all DeepPCB).
 DEFAULT_CLASSES: tuple[str, ...] = LABELS
 
 
-def render_prompt(prompt: str, classes: Sequence[str]) -> str:
-    """The prompt with `{classes}` replaced by the class names, comma separated.
+def render_prompt(prompt: str, classes: Sequence[str], coordinates: str = RELATIVE_COORDINATES) -> str:
+    """The prompt with `{classes}` replaced by the class names, comma separated, and `{coordinates}` by
+    the model family's name of its answer frame (`ModelFamily.coordinates`: Qwen3-VL "0-1000 relative
+    coordinates", the default; Qwen2.5-VL "absolute pixel coordinates"). A prompt without the
+    placeholders is used as written.
 
     A plain replace rather than str.format: the prompts also hold literal JSON braces
     (`{"bbox_2d": ...}`) that format() would read as fields.
     """
-    return prompt.replace(CLASSES_PLACEHOLDER, ", ".join(classes))
+    return prompt.replace(CLASSES_PLACEHOLDER, ", ".join(classes)).replace(
+        COORDINATES_PLACEHOLDER, coordinates
+    )
 
 
 def sample_classes(sample: Mapping[str, Any]) -> tuple[str, ...]:
@@ -70,8 +77,9 @@ def build_messages(
     (the defect-free board, shown first); with `with_answer`, also `objects`, `width` and `height`, from
     which the assistant turn is written by `pcbvlm.answer.format_answer` in `family`'s answer frame
     (the relative 0-1000 frame of the default family, Qwen3-VL, without one). The prompt's `{classes}` is
-    filled from `sample["classes"]`. Evaluation and inference call this with `with_answer=False` so that
-    the prompt is byte-for-byte the one trained on.
+    filled from `sample["classes"]` and its `{coordinates}` from `family` (the same default). Evaluation
+    and inference call this with `with_answer=False` and the loaded model's family, so that the prompt is
+    byte-for-byte the one trained on.
     """
     if data_cfg.with_template:
         template = sample.get("template")
@@ -86,7 +94,8 @@ def build_messages(
         images = [str(sample["image"])]
         prompt = data_cfg.prompt
     content: list[dict[str, str]] = [{"type": "image", "image": path} for path in images]
-    content.append({"type": "text", "text": render_prompt(prompt, sample_classes(sample))})
+    coordinates = RELATIVE_COORDINATES if family is None else family.coordinates
+    content.append({"type": "text", "text": render_prompt(prompt, sample_classes(sample), coordinates)})
     messages: list[dict] = [{"role": "user", "content": content}]
     if with_answer:
         width, height = int(sample["width"]), int(sample["height"])
@@ -101,7 +110,8 @@ def build_messages(
 
 
 def set_answers(rows: Sequence[dict[str, Any]], data_cfg: DataConfig, family: ModelFamily) -> None:
-    """(Re)write the chat of every converted sample with its answer in `family`'s frame, in place."""
+    """(Re)write the chat of every converted sample for `family`, in place: the prompt naming its
+    coordinates and the answer in its frame."""
     for row in rows:
         row["messages"] = build_messages(row, data_cfg, family=family)
 

@@ -164,8 +164,8 @@ class Inspector:
         self._lock = threading.Lock()
 
     def detect(self, image: str | Path | None, template: str | Path | None = None) -> Inspection:
-        from pcbvlm.deeppcb import build_messages
         from pcbvlm.generate import generate_batch, load_for_inference, to_prediction
+        from pcbvlm.samples import build_messages, dataset_classes
 
         width, height = check_image(image, self.max_pixels, "board image")
         notes = []
@@ -177,8 +177,12 @@ class Inspector:
             "id": Path(image).stem,
             "image": str(image),
             "template": str(template) if template else None,
+            # The classes the model was trained on: those of the converted data (prompt and parsing).
+            "classes": list(dataset_classes(self.cfg.paths.data_dir)),
         }
-        messages = build_messages(sample, self.cfg.data, with_answer=False)  # DataError: template missing
+        build_messages(
+            sample, self.cfg.data, with_answer=False
+        )  # DataError (template missing) before loading
         with self._lock:
             load_seconds = None
             if self._loaded is None:
@@ -186,11 +190,15 @@ class Inspector:
                 log.info("loading %s", self.model_ref)
                 self._loaded = load_for_inference(self.cfg, self.model_ref)
                 load_seconds = time.perf_counter() - begin
+            # The prompt in the loaded model's coordinates (its family's), as it was trained.
+            messages = build_messages(sample, self.cfg.data, with_answer=False, family=self._loaded.family)
             begin = time.perf_counter()
             text, offsets, probs = generate_batch(self._loaded, [messages], self.cfg.eval.max_new_tokens)[0]
             seconds = time.perf_counter() - begin
         frame = self._loaded.answer_frame(self.cfg, width, height)  # the model family's coordinates
-        prediction = to_prediction(text, offsets, probs, sample["id"], width, height, frame=frame)
+        prediction = to_prediction(
+            text, offsets, probs, sample["id"], width, height, sample["classes"], frame=frame
+        )
         return Inspection(
             image=str(image),
             width=width,

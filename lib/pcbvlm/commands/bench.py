@@ -19,6 +19,7 @@ from pathlib import Path
 from pcbvlm.cli import make_parser, run_job
 from pcbvlm.commands import ROOT
 from pcbvlm.errors import UserError
+from pcbvlm.families import FAMILIES
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per training setting")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the 32B's 64)")
     parser.add_argument(
-        "--family", default="qwen3_vl", help="model family whose 32B shape is built (qwen3_vl, qwen2_5_vl)"
+        "--family",
+        default="qwen3_vl",
+        help=f"model family whose 32B shape is built ({', '.join(sorted(FAMILIES))})",
     )
     parser.add_argument("--parts", default="train,generate", help="train, generate or both (comma separated)")
     parser.add_argument("--batches", default="1,32,128,192", help="generation batch sizes")

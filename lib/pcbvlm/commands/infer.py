@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         "classes": list(dataset_classes(cfg.paths.data_dir)),
     }
     loaded = load_for_inference(cfg, resolve_model_ref(cfg, args.model))
-    messages = build_messages(sample, cfg.data, with_answer=False)
+    messages = build_messages(sample, cfg.data, with_answer=False, family=loaded.family)
     text, offsets, probs = generate_batch(loaded, [messages], cfg.eval.max_new_tokens)[0]
     frame = loaded.answer_frame(cfg, width, height)  # the model family's coordinates
     prediction = to_prediction(text, offsets, probs, sample["id"], width, height, sample["classes"], frame)

@@ -17,7 +17,8 @@ from pcbvlm.datasets import coco, deeppcb, voc, yolo
 from pcbvlm.datasets.common import Conversion, DatasetFormat, console_out, print_summary, write_outputs
 from pcbvlm.errors import DataError
 from pcbvlm.families import family_for
-from pcbvlm.samples import CLASSES_PLACEHOLDER, STATS_FILE, set_answers
+from pcbvlm.families.base import ModelFamily
+from pcbvlm.samples import CLASSES_PLACEHOLDER, COORDINATES_PLACEHOLDER, STATS_FILE, set_answers
 
 FORMATS: dict[str, DatasetFormat] = {
     "deeppcb": deeppcb.FORMAT,
@@ -65,6 +66,8 @@ def prepare_data(
     )
     print_summary(conversion, console)
     _warn_unnamed_classes(conversion, console)
+    family = family_for(cfg.model.name_or_path, cfg.model.revision)
+    _warn_unnamed_coordinates(conversion, family, console)
     if strict and conversion.problems:
         first = conversion.problems[0].message
         raise DataError(
@@ -77,7 +80,6 @@ def prepare_data(
         )
     # The answers in the configured model family's coordinates (Qwen2.5-VL: resized pixels); training
     # writes them again for the family it trains (pcbvlm.samples.set_answers).
-    family = family_for(cfg.model.name_or_path, cfg.model.revision)
     for rows in conversion.samples.values():
         set_answers(rows, cfg.data, family)
     write_outputs(conversion, cfg.paths.data_dir, cfg)
@@ -85,6 +87,19 @@ def prepare_data(
         f"wrote {cfg.paths.data_dir}/{{train,val,test}}.jsonl and {STATS_FILE}", markup=False
     )
     return conversion
+
+
+def _warn_unnamed_coordinates(conversion: Conversion, family: ModelFamily, console: Any) -> None:
+    """A prompt without {coordinates} may ask for another family's frame (0-1000 from a Qwen2.5-VL)."""
+    data_cfg = conversion.data_cfg
+    prompt = data_cfg.template_prompt if data_cfg.with_template else data_cfg.prompt
+    if COORDINATES_PLACEHOLDER in prompt or family.coordinates in prompt:
+        return
+    console_out(console).print(
+        f"warning: the prompt does not say '{family.coordinates}' ({family.model_type} answers in them); "
+        f"put {COORDINATES_PLACEHOLDER} in data.prompt to name the model family's coordinates",
+        markup=False,
+    )
 
 
 def _warn_unnamed_classes(conversion: Conversion, console: Any) -> None:

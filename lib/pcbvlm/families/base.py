@@ -58,6 +58,9 @@ class ModelFamily:
     patch_size: ClassVar[int]  # vision patch side, px
     merge_size: ClassVar[int] = 2  # patches merged per side into one visual token
     end_of_answer: ClassVar[str] = QWEN_END_OF_TURN
+    # How the prompt names the answer frame: a prompt's `{coordinates}` (pcbvlm.samples.render_prompt), so
+    # that the instruction the model reads matches the numbers it is trained to write.
+    coordinates: ClassVar[str]
     skip_quantization: ClassVar[tuple[str, ...]] = QWEN_VL_SKIP_QUANTIZATION
     decoder_linears: ClassVar[str] = QWEN_VL_DECODER_LINEARS  # regex of the decoder blocks' linear owners
     merger_linears: ClassVar[str]  # regex of the vision->text merger's linears (lora.train_merger)

@@ -62,6 +62,9 @@ class Qwen2_5_VL(ModelFamily):  # noqa: N801 - named like transformers' Qwen2_5_
     processor_class_name = "Qwen2_5_VLProcessor"
     decoder_layer_class = "Qwen2_5_VLDecoderLayer"
     patch_size = 14
+    # Qwen's documentation of Qwen2.5-VL grounding: absolute pixel values from the top-left corner of the
+    # image as the model sees it (resized); its own prompts only ask for "bbox coordinates in JSON format".
+    coordinates = "absolute pixel coordinates"
     merger_linears = r"model\.visual\.merger\.mlp\.[02]"
     liger_patch = "apply_liger_kernel_to_qwen2_5_vl"
     liger_module = "qwen2_5_vl"

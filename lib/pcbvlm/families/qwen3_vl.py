@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pcbvlm.answer import RELATIVE_FRAME, Frame
+from pcbvlm.answer import RELATIVE_COORDINATES, RELATIVE_FRAME, Frame
 from pcbvlm.families.base import ModelFamily
 
 # Qwen/Qwen3-VL-32B-Instruct config.json, in the transformers 5 spelling (rope_parameters).
@@ -65,6 +65,7 @@ class Qwen3VL(ModelFamily):
     processor_class_name = "Qwen3VLProcessor"
     decoder_layer_class = "Qwen3VLTextDecoderLayer"
     patch_size = 16
+    coordinates = RELATIVE_COORDINATES  # "0-1000 relative coordinates"
     merger_linears = r"model\.visual\.merger\.linear_fc[12]"
     liger_patch = "apply_liger_kernel_to_qwen3_vl"
     liger_module = "qwen3_vl"
