@@ -43,6 +43,23 @@ def main(argv=None) -> int:
         "--deadline-s", type=float, help="--parts int4: skip settings after this many seconds"
     )
     parser.add_argument(
+        "--graph-batches", default="", help="--parts int4: batch sizes through pcbvlm.graphdecode"
+    )
+    parser.add_argument(
+        "--graph-drafts", default="", help="--parts int4: drafted tokens per step, graph decoder, batch 1"
+    )
+    parser.add_argument(
+        "--graph-kernels", default="tinygemm", help="--parts int4: int4 layouts of the graph decoder rows"
+    )
+    parser.add_argument(
+        "--kernel-floor", action="store_true", help="--parts int4: time the int4 linears alone per layout"
+    )
+    parser.add_argument(
+        "--static-last",
+        action="store_true",
+        help="--parts int4: transformers' compiled static-cache rows after NF4 (a deadline cuts them first)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="--parts int4: a narrow 2-layer model, CPU allowed"
     )
     args = parser.parse_args(argv)
@@ -72,6 +89,11 @@ def main(argv=None) -> int:
             layers=args.layers,
             deadline_s=args.deadline_s,
             smoke=args.smoke,
+            graph_batches=_sizes(args.graph_batches),
+            graph_drafts=_sizes(args.graph_drafts),
+            graph_kernels=tuple(k.strip() for k in args.graph_kernels.split(",") if k.strip()),
+            kernel_floor=args.kernel_floor,
+            static_last=args.static_last,
         )
         table = int4_markdown_table(results)
         out.with_suffix(".md").write_text(
