@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
     out = args.out or ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{gpu}.json"
     if args.parts == "int4":
-        from pcbvlm.bench import int4_markdown_table, run_int4_benchmark
+        from pcbvlm.bench import int4_chart, int4_markdown_table, run_int4_benchmark
 
         results = run_int4_benchmark(
             out,
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
             static_last=args.static_last,
         )
         table = int4_markdown_table(results)
+        int4_chart(results, out.with_suffix(".png"))
         out.with_suffix(".md").write_text(
             f"`{' '.join(['python', 'jobs/bench.py', *sys.argv[1:]])}`\n\n{table}"
         )

@@ -881,10 +881,14 @@ def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
     return {"answer_tokens": len(answer_ids), "forward_passes": passes, "draft_tokens": num_tokens}
 
 
+@torch.inference_mode()
 def int4_kernel_floor(model, rows: tuple[int, ...] = (1, 4, 8, 16, 128)) -> dict[str, Any]:
     """The decoder's int4 linears alone: one pass over all of them (a CUDA graph on CUDA) per number of
     rows, in ms, and on CUDA the triton kernel's largest relative error against the dequantized matmul
-    per layer shape (the layout must hold plain nibbles: `dequant` or `triton`)."""
+    per layer shape (the layout must hold plain nibbles: `dequant` or `triton`). Under inference mode,
+    like generation: the compiled read-backs of `pcbvlm.int4` are guarded on the grad mode, and a
+    second set of compilations (5 layer shapes each) ran into dynamo's recompile limit of 8 on the
+    H200 (2026-11-30), after which the remaining shapes read their weights back eagerly."""
     import torch.nn.functional as F
 
     from pcbvlm.int4 import Int4Linear
@@ -1230,6 +1234,38 @@ def run_int4_benchmark(
     results["seconds"] = round(time.perf_counter() - started, 1)
     _write(out_path, results)
     return results
+
+
+def int4_chart(results: dict[str, Any], path: Path) -> Path:
+    """Bars of measured s/image per path (batch 1 and batched side by side) with the goals as lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in results["generate"] if r.get("status") == "ok"]
+    figure = Figure(figsize=(11, 5.5))
+    FigureCanvasAgg(figure)
+    for axis, (title, keep, goal) in zip(
+        figure.subplots(1, 2),
+        (("batch 1", lambda r: r["batch_size"] == 1, 1.5), ("batched", lambda r: r["batch_size"] > 1, 0.10)),
+        strict=True,
+    ):
+        chosen = [r for r in rows if keep(r)]
+        labels = [f"{r['model']} ({r['cache']}, b{r['batch_size']})" for r in chosen]
+        values = [r["s_per_image"] for r in chosen]
+        axis.barh(range(len(values)), values, color="tab:blue")
+        axis.set_yticks(range(len(values)), labels, fontsize=7)
+        axis.invert_yaxis()
+        axis.axvline(goal, color="tab:red", linestyle="--", label=f"goal {goal} s/image")
+        for i, value in enumerate(values):
+            axis.text(value, i, f" {value:.3g}", va="center", fontsize=7)
+        axis.set_xscale("log")
+        axis.set_xlabel("s/image (measured, log scale)")
+        axis.set_title(f"{title}, {results['new_tokens']} new tokens")
+        axis.legend(fontsize=7, loc="lower right")
+    figure.suptitle(f"Qwen3-VL-32B shape, random weights, {results['gpu']}, {results['cap_gib']} GiB cap")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
 
 
 A800_BANDWIDTH_RATIO = 4.8 / 2.0  # H200 / A800 memory bandwidth: decoding reads every weight per token
