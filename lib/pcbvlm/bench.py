@@ -1236,8 +1236,10 @@ def run_int4_benchmark(
     return results
 
 
-def int4_chart(results: dict[str, Any], path: Path) -> Path:
-    """Bars of measured s/image per path (batch 1 and batched side by side) with the goals as lines."""
+def int4_chart(results: dict[str, Any], path: Path, notes: dict[tuple[str, int], str] | None = None) -> Path:
+    """Bars of measured s/image per path (batch 1 and batched side by side) with the goals as lines;
+    `notes` ((model, batch) -> text) are appended to those bars' labels (e.g. why a figure is not valid)."""
+    notes = notes or {}
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1250,7 +1252,11 @@ def int4_chart(results: dict[str, Any], path: Path) -> Path:
         strict=True,
     ):
         chosen = [r for r in rows if keep(r)]
-        labels = [f"{r['model']} ({r['cache']}, b{r['batch_size']})" for r in chosen]
+        labels = [
+            f"{r['model']} ({r['cache']}, b{r['batch_size']})"
+            + (f"\n{notes[(r['model'], r['batch_size'])]}" if (r["model"], r["batch_size"]) in notes else "")
+            for r in chosen
+        ]
         values = [r["s_per_image"] for r in chosen]
         axis.barh(range(len(values)), values, color="tab:blue")
         axis.set_yticks(range(len(values)), labels, fontsize=7)
