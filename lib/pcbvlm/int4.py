@@ -221,7 +221,8 @@ class Int4Linear(nn.Module):
         if self.kernel not in ("dequant", "triton"):
             raise RuntimeError("dequantized_weight: only the dequant layout keeps plain nibbles")
         if self.weight_int4.is_cuda and not torch.compiler.is_compiling():
-            return _dequantize_compiled(self.weight_int4, self.scales, self.group_size)
+            with torch.no_grad():  # one grad mode for every caller (see `forward`)
+                return _dequantize_compiled(self.weight_int4, self.scales, self.group_size)
         return _dequantize(self.weight_int4, self.scales, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,9 +244,13 @@ class Int4Linear(nn.Module):
                     self.weight_int4, self.scales, self.unpack_order, self.group_size
                 )
             else:
-                weight = _dequantize_tinygemm_compiled(
-                    self.weight_int4, self.scales, self.unpack_order, self.group_size
-                )
+                # One grad mode for every caller: dynamo guards on it, and a second set of compilations
+                # (5 layer shapes each) runs into its recompile limit of 8, after which the remaining
+                # shapes run eagerly (BENCHMARKS.md, graph decoder, note (a)).
+                with torch.no_grad():
+                    weight = _dequantize_tinygemm_compiled(
+                        self.weight_int4, self.scales, self.unpack_order, self.group_size
+                    )
             return F.linear(x.to(self.scales.dtype), weight, self.bias)
         if rows.is_cuda:
             out = torch.ops.aten._weight_int4pack_mm(rows, self.weight_int4, self.group_size, self.scales)
