@@ -6,6 +6,7 @@ python jobs/bench.py --layers 8 --plan explore --profile --static-batches 1,128 
 python jobs/bench.py --parts int4 --batches 1,32,128 --static-batches 1 --nf4-batches 1 --new-tokens 230
                                              # the quantized model's int4 paths (pcbvlm.int4) vs NF4
 python jobs/bench.py --parts int4 --smoke --batches 1,8 --static-batches 1 --new-tokens 8   # on a CPU
+bash bench/gpu/issue16.sh                    # + the graph decoder, drafts and the triton int4 layout
 """
 
 from __future__ import annotations
