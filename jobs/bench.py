@@ -75,6 +75,12 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
     out = args.out or ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{gpu}.json"
+    graph_kernels = tuple(k.strip() for k in args.graph_kernels.split(",") if k.strip())
+    unknown = sorted(set(graph_kernels) - {"tinygemm", "dequant", "triton"})
+    if unknown:
+        raise UserError(
+            f"--graph-kernels: unknown int4 layout {', '.join(unknown)} (tinygemm, dequant, triton)"
+        )
     if args.parts == "int4":
         from pcbvlm.bench import int4_chart, int4_markdown_table, run_int4_benchmark
 
@@ -92,7 +98,7 @@ def main(argv=None) -> int:
             smoke=args.smoke,
             graph_batches=_sizes(args.graph_batches),
             graph_drafts=_sizes(args.graph_drafts),
-            graph_kernels=tuple(k.strip() for k in args.graph_kernels.split(",") if k.strip()),
+            graph_kernels=graph_kernels,
             kernel_floor=args.kernel_floor,
             static_last=args.static_last,
         )
