@@ -34,7 +34,7 @@ def reference(quantized):
     return Qwen3VLForConditionalGeneration.from_pretrained(quantized, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("kernel", ["tinygemm", "dequant"])
+@pytest.mark.parametrize("kernel", ["tinygemm", "dequant", "triton"])
 def test_repacked_logits_equal_compressed_tensors_dequantized(kernel, quantized, reference, tiny_data_dir):
     samples = load_samples(tiny_data_dir, "val")[:2]
     inputs, mask = _inputs(quantized, samples)
@@ -187,3 +187,63 @@ def test_weights_read_back_from_a_tile_permuted_layout():
     w = _dequantize_tinygemm(packed, scales_and_zeros, order, 32)
     expected = (u.float() - 8) * scale.t().repeat_interleave(32, dim=1)
     torch.testing.assert_close(w, expected)
+
+
+@pytest.mark.parametrize("kernel", ["tinygemm", "triton"])
+def test_graph_decoder_gives_the_same_predictions_on_the_quantized_model(
+    kernel, cfg, quantized, tiny_data_dir
+):
+    """eval.decoder: graph (pcbvlm.graphdecode, with and without drafts) on the int4 model: the same text,
+    parsed boxes and box scores as transformers' generate. On a CPU the triton layout runs its dequant
+    fallback (the kernel's error on the GPU is in the benchmark's `kernel_floor`)."""
+    from pcbvlm.generate import to_prediction
+
+    samples = load_samples(tiny_data_dir, "val")[:2]
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.eval.int4_kernel = kernel
+    run_cfg.eval.decoder = "graph"
+    loaded = load_for_inference(run_cfg, str(quantized))
+    assert {m.kernel for m in loaded.model.modules() if isinstance(m, Int4Linear)} == {kernel}
+    messages = [build_messages(s, cfg.data, with_answer=False) for s in samples]
+    plain = generate_batch(loaded, messages, 48, decoder="generate")
+    graph = generate_batch(loaded, messages, 48)  # the configured decoder
+    assert loaded.graph_decoder is not None
+    drafted = [generate_batch(loaded, [m], 48, draft_tokens=6)[0] for m in messages]
+
+    def prediction(sample, answer):
+        return to_prediction(*answer, str(sample["id"]), int(sample["width"]), int(sample["height"]))
+
+    for sample, want, *others in zip(samples, plain, graph, drafted, strict=True):
+        expected = prediction(sample, want)
+        for answer in others:
+            got = prediction(sample, answer)
+            assert got["raw"] == expected["raw"]
+            assert [o["bbox"] for o in got["objects"]] == [o["bbox"] for o in expected["objects"]]
+            assert [o["label"] for o in got["objects"]] == [o["label"] for o in expected["objects"]]
+            torch.testing.assert_close(
+                [o["score"] for o in got["objects"]], [o["score"] for o in expected["objects"]]
+            )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 5, 16, 40, 128, 300])
+def test_triton_int4_matmul_equals_the_dequantized_matmul(rows):
+    """`eval.int4_kernel: triton` on a GPU: the fused kernel (split-K and not) against the dequantized
+    weight's bf16 matmul; above 256 rows the layer takes the dequant path."""
+    from pcbvlm import int4_triton
+    from pcbvlm.int4 import TRITON_MAX_ROWS
+
+    torch.manual_seed(0)
+    for out_features, in_features in ((1024, 5120), (5120, 25600), (384, 256)):
+        words = torch.randint(-(2**31), 2**31 - 1, (out_features, in_features // 8), dtype=torch.int32)
+        scale = torch.rand(out_features, in_features // 128) * 0.01
+        layer = Int4Linear.from_compressed(
+            words.cuda(), scale.cuda(), in_features, 128, "triton", torch.bfloat16
+        )
+        x = torch.randn(rows, in_features, dtype=torch.bfloat16, device="cuda")
+        expected = x.float() @ layer.dequantized_weight().float().t()
+        got = layer(x).float()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+        if rows <= TRITON_MAX_ROWS:
+            direct = int4_triton.w4a16_matmul(x, layer.weight_int4, layer.scales, 128)
+            torch.testing.assert_close(direct.float(), got)

@@ -106,3 +106,26 @@ def test_merge_publishes_a_full_run_that_scores_the_same(overfit, tmp_path):
     assert report["diff"]["rel_max_diff"] <= report["tolerance"]
     metrics = _evaluate(overrides, str(merged), tmp_path / "eval")
     assert (metrics["deeppcb"]["precision"], metrics["deeppcb"]["recall"]) == (1.0, 1.0)
+
+
+def test_graph_decoder_finds_the_same_boxes(overfit, tmp_path):
+    """eval.decoder: graph (pcbvlm.graphdecode), one board at a time with drafted tokens, on the model that
+    answers with real boxes: the same predictions (text, boxes, scores) as transformers' generate."""
+    overrides, _, _ = overfit
+    plain = _evaluate(overrides, "run", tmp_path / "generate")
+    graph_overrides = [*overrides, "eval.decoder=graph", "eval.batch_size=1", "eval.draft_tokens=6"]
+    graph = _evaluate(graph_overrides, "run", tmp_path / "graph")
+    assert (graph["deeppcb"]["precision"], graph["deeppcb"]["recall"]) == (1.0, 1.0)
+    assert graph["deeppcb"] == plain["deeppcb"]
+
+    def predictions(folder):
+        lines = (folder / "predictions.jsonl").read_text().splitlines()
+        return {p["id"]: p for p in map(json.loads, lines)}
+
+    want, got = predictions(tmp_path / "generate"), predictions(tmp_path / "graph")
+    assert got.keys() == want.keys() and sum(len(p["objects"]) for p in want.values()) == 8
+    for key, prediction in want.items():
+        assert got[key]["raw"] == prediction["raw"]
+        for g, w in zip(got[key]["objects"], prediction["objects"], strict=True):
+            assert (g["label"], g["bbox"]) == (w["label"], w["bbox"])
+            assert g["score"] == pytest.approx(w["score"], rel=1e-5)

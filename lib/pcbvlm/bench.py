@@ -399,6 +399,7 @@ def time_generation(
     cache: str | None = None,
     kind: str = "nf4 (random weights)",
     prompt_lookup: int = 0,
+    measure_prefill: bool = False,
 ):
     """Seconds per image of greedy generation of exactly `new_tokens` tokens; `cache="static"` uses a
     static KV cache, with which transformers compiles the decoding step (CUDA graphs); `prompt_lookup`
@@ -451,7 +452,7 @@ def time_generation(
         seconds = time.perf_counter() - begin
         generated = len(outputs[0][2])
         timed_passes = len(passes)
-        if batch_size == 1:
+        if batch_size == 1 or measure_prefill:
             # The prompt's share: the same call with one new token (prefill + one step).
             begin = time.perf_counter()
             generate_batch(loaded, messages, 1, min_new_tokens=1, cache_implementation=cache)
@@ -477,6 +478,78 @@ def time_generation(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log(f"generate {kind} batch {batch_size} ({result['cache']} cache): {result}")
+    return result
+
+
+def time_graph_generation(
+    model,
+    processor,
+    sample,
+    batch_size: int,
+    new_tokens: int,
+    log: Callable[[str], None],
+    draft_tokens: int = 0,
+    kind: str = "int4 graph",
+) -> dict[str, Any]:
+    """Like `time_generation`, through `pcbvlm.graphdecode.GraphDecoder` (static cache, the whole decoding
+    step one CUDA graph, grouped attention; `draft_tokens` verified per step at batch 1). The warm-up call
+    captures the graph; `prefill_s` is a call that decodes nothing after the prompt's pass."""
+    from pcbvlm.collator import image_paths, load_image
+    from pcbvlm.generate import IMAGE_TOKENS
+    from pcbvlm.graphdecode import GraphDecoder
+
+    model.eval()
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    messages = [sample["messages"][:-1]] * batch_size
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    images = [load_image(p) for m in messages for p in image_paths(m)]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    suppress = [tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    result: dict[str, Any] = {
+        "model": kind,
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "cache": "static",
+    }
+    if draft_tokens:
+        result["draft_tokens"] = draft_tokens
+    _reset_peak()
+    try:
+        decoder = GraphDecoder(model, suppress, eos, tok.pad_token_id)
+        begin = time.perf_counter()
+        decoder.generate(dict(inputs), new_tokens, new_tokens, draft_tokens)
+        _sync()
+        result["warmup_s"] = round(time.perf_counter() - begin, 1)
+        begin = time.perf_counter()
+        out = decoder.generate(dict(inputs), new_tokens, new_tokens, draft_tokens)
+        _sync()
+        seconds = time.perf_counter() - begin
+        begin = time.perf_counter()
+        decoder.generate(dict(inputs), 1, 1, draft_tokens)
+        _sync()
+        prefill = time.perf_counter() - begin
+        result.update(
+            status="ok",
+            generated_tokens=int((out.tokens[0] != tok.pad_token_id).sum()),
+            forward_passes=out.steps,
+            ms_per_forward_pass=round(1000 * (seconds - prefill) / max(out.steps, 1), 2),
+            prefill_s=round(prefill, 3),
+            s_per_image=round(seconds / batch_size, 4),
+            ms_per_token_step=round(1000 * seconds / new_tokens, 2),
+            peak_gib=_peak_gib(),
+        )
+        del decoder
+    except torch.OutOfMemoryError:
+        result.update(status="out of memory under the cap", peak_gib=_peak_gib())
+    except Exception as exc:
+        result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+        log(traceback.format_exc(limit=12))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log(f"generate {kind} batch {batch_size}: {result}")
     return result
 
 
@@ -834,6 +907,89 @@ def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
     return {"answer_tokens": len(answer_ids), "forward_passes": passes, "draft_tokens": num_tokens}
 
 
+@torch.inference_mode()
+def int4_kernel_floor(model, rows: tuple[int, ...] = (1, 4, 8, 16, 128)) -> dict[str, Any]:
+    """The decoder's int4 linears alone: one pass over all of them (a CUDA graph on CUDA) per number of
+    rows, in ms, and on CUDA the triton kernel's largest relative error against the dequantized matmul
+    per layer shape (the layout must hold plain nibbles: `dequant` or `triton`). Under inference mode,
+    like generation: the compiled read-backs of `pcbvlm.int4` are guarded on the grad mode, and a
+    second set of compilations (5 layer shapes each) ran into dynamo's recompile limit of 8 on the
+    H200 (2026-11-30), after which the remaining shapes read their weights back eagerly."""
+    import torch.nn.functional as F
+
+    from pcbvlm.int4 import Int4Linear
+
+    layers = [m for m in model.model.language_model.modules() if isinstance(m, Int4Linear)]
+    result: dict[str, Any] = {"kernel": layers[0].kernel, "linears": len(layers), "ms_per_pass": {}}
+    if layers[0].kernel in ("dequant", "triton"):
+        errors = {}
+        for layer in layers[:7]:
+            for m in (1, 16, 128):
+                x = torch.randn(m, layer.in_features, dtype=layer.scales.dtype, device=layer.scales.device)
+                expected = F.linear(x, layer.dequantized_weight()).float()
+                got = layer(x).float()
+                key = f"{layer.out_features}x{layer.in_features}"
+                error = ((got - expected).norm() / expected.norm()).item()
+                errors[key] = max(errors.get(key, 0.0), round(error, 6))
+        result["relative_error_vs_dequantized"] = errors
+    for m in rows:
+        inputs = {}
+        for layer in layers:
+            if layer.in_features not in inputs:
+                inputs[layer.in_features] = torch.randn(
+                    m, layer.in_features, dtype=layer.scales.dtype, device=layer.scales.device
+                )
+
+        def one_pass(inputs=inputs):
+            for layer in layers:
+                layer(inputs[layer.in_features])
+
+        try:
+            one_pass()
+            _sync()
+            if torch.cuda.is_available():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    one_pass()
+                run = graph.replay
+            else:
+                run = one_pass
+            run()
+            _sync()
+            begin = time.perf_counter()
+            for _ in range(3):
+                run()
+            _sync()
+            result["ms_per_pass"][m] = round(1000 * (time.perf_counter() - begin) / 3, 2)
+            del run
+        except Exception as exc:
+            result["ms_per_pass"][m] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return result
+
+
+def graph_draft_passes(processor, sample, drafts: tuple[int, ...]) -> dict[str, Any]:
+    """Decoding steps `GraphDecoder` would take with each number of drafts if the model's greedy answer
+    were the sample's real answer (random weights cannot show this; see `prompt_lookup_passes`)."""
+    from pcbvlm.generate import IMAGE_TOKENS
+    from pcbvlm.graphdecode import drafted_passes
+
+    tok = processor.tokenizer
+    prompt = processor.apply_chat_template(
+        sample["messages"][:-1], tokenize=False, add_generation_prompt=True
+    )
+    answer = sample["messages"][-1]["content"]
+    answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    barred = {tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS}
+    return {
+        "answer_tokens": len(answer_ids),
+        "steps_by_drafts": {k: drafted_passes(prompt_ids, answer_ids, k, barred) for k in (0, *drafts)},
+    }
+
+
 def smoke_config(layers: int = 2, family: str = "qwen3_vl"):
     """A narrow model of the family (hidden 256, a one-block vision tower) with the 32B's vocabulary, to
     run the whole benchmark command on a CPU before spending GPU time on it."""
@@ -878,12 +1034,20 @@ def run_int4_benchmark(
     deadline_s: float | None = None,
     smoke: bool = False,
     family: str = "qwen3_vl",
+    graph_batches: tuple[int, ...] = (),
+    graph_drafts: tuple[int, ...] = (),
+    graph_kernels: tuple[str, ...] = ("tinygemm",),
+    kernel_floor: bool = False,
+    static_last: bool = False,
 ) -> dict[str, Any]:
     """Generation with the quantized model's int4 paths on the 32B shape (random weights), each batch size
     with the layout `bench_kernel` gives it (tinygemm up to 4 images, dequant above),
     batch sizes in `static_batches` also with the compiled static cache; then, if time is left before
-    `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. Every setting is
-    written to `out_path` as soon as it is measured."""
+    `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. First of all, the
+    `GraphDecoder` rows (`pcbvlm.graphdecode`) on the tinygemm layout: `graph_batches`, and batch 1 with
+    each number of drafted tokens in `graph_drafts`, for each layout in `graph_kernels` (with
+    `kernel_floor`, the int4 linears alone per layout first: `int4_kernel_floor`). Every setting is written to `out_path` as soon as
+    it is measured."""
     from pcbvlm.config import load_config
     from pcbvlm.families import get_family
     from pcbvlm.int4 import int4_storage
@@ -930,6 +1094,9 @@ def run_int4_benchmark(
     if prompt_lookup:
         results["prompt_lookup_real_answer"] = prompt_lookup_passes(processor, sample, prompt_lookup)
         log(f"prompt lookup on the sample's real answer: {results['prompt_lookup_real_answer']}")
+    if graph_drafts:
+        results["graph_drafts_real_answer"] = graph_draft_passes(processor, sample, graph_drafts)
+        log(f"drafted decoding on the sample's real answer: {results['graph_drafts_real_answer']}")
 
     def build(quantize: str):
         previous = torch.get_default_dtype()
@@ -944,7 +1111,7 @@ def run_int4_benchmark(
         return model
 
     begin = time.perf_counter()
-    kernel = bench_kernel(batches[0] if batches else 1)
+    kernel = graph_kernels[0] if graph_batches or graph_drafts else bench_kernel(batches[0] if batches else 1)
     model = build("bf16")
     quantize_language_model_int4(model, kernel)
     results["int4_build_s"] = round(time.perf_counter() - begin, 1)
@@ -972,31 +1139,79 @@ def run_int4_benchmark(
         (b, None, 0, bench_kernel(b)) for b in sorted(batches, reverse=True) if b > BENCH_TINYGEMM_MAX_BATCH
     ]
     runs += [(b, None, 0, "tinygemm") for b in tinygemm_batches]
-    for batch_size, cache, lookup, wanted in runs:
+    graph_runs = [(b, 0) for b in graph_batches] + [(1, k) for k in graph_drafts]
+    results["kernel_floor"] = []
+    for graph_kernel in graph_kernels if graph_runs or kernel_floor else ():
         if not time_left():
-            results["generate"].append(
-                {
-                    "model": f"int4 {wanted}",
-                    "batch_size": batch_size,
-                    "cache": cache or "dynamic",
-                    "status": "skipped: out of time",
-                }
-            )
-            continue
-        if wanted != kernel:
-            kernel = wanted
+            break
+        if graph_kernel != kernel:
+            kernel = graph_kernel
             quantize_language_model_int4(model, kernel)
             log(f"int4 linears repacked for the {kernel} kernel")
-        readback = sum(getattr(m, "unpack_order", None) is not None for m in model.modules())
-        label = f"int4 {kernel}" + (f" + prompt lookup {lookup}" if lookup else "")
-        result = time_generation(
-            model, processor, sample, batch_size, new_tokens, log, cache, kind=label, prompt_lookup=lookup
-        )
-        result["tinygemm_layers_read_back_for_many_rows"] = readback
-        results["generate"].append(result)
-        _write(out_path, results)
+        if kernel_floor:
+            results["kernel_floor"].append(int4_kernel_floor(model))
+            log(f"int4 linears alone: {results['kernel_floor'][-1]}")
+            _write(out_path, results)
+        for batch_size, drafts in graph_runs:
+            label = f"int4 {kernel}, graph decoder" + (f" + {drafts} drafts" if drafts else "")
+            if not time_left():
+                results["generate"].append(
+                    {
+                        "model": label,
+                        "batch_size": batch_size,
+                        "cache": "static",
+                        "status": "skipped: out of time",
+                    }
+                )
+                continue
+            results["generate"].append(
+                time_graph_generation(
+                    model, processor, sample, batch_size, new_tokens, log, drafts, kind=label
+                )
+            )
+            _write(out_path, results)
 
-    del model
+    def run_rows(model, kernel: str, rows) -> str:
+        for batch_size, cache, lookup, wanted in rows:
+            if not time_left():
+                results["generate"].append(
+                    {
+                        "model": f"int4 {wanted}",
+                        "batch_size": batch_size,
+                        "cache": cache or "dynamic",
+                        "status": "skipped: out of time",
+                    }
+                )
+                continue
+            if wanted != kernel:
+                kernel = wanted
+                quantize_language_model_int4(model, kernel)
+                log(f"int4 linears repacked for the {kernel} kernel")
+            readback = sum(getattr(m, "unpack_order", None) is not None for m in model.modules())
+            label = f"int4 {kernel}" + (f" + prompt lookup {lookup}" if lookup else "")
+            result = time_generation(
+                model,
+                processor,
+                sample,
+                batch_size,
+                new_tokens,
+                log,
+                cache,
+                kind=label,
+                prompt_lookup=lookup,
+                measure_prefill=True,
+            )
+            result["tinygemm_layers_read_back_for_many_rows"] = readback
+            results["generate"].append(result)
+            _write(out_path, results)
+        return kernel
+
+    # static_last: transformers' compiled static-cache rows (~100 s of compilation each) after NF4, so a
+    # deadline cuts them first.
+    late = [r for r in runs if static_last and r[1] == "static"]
+    kernel = run_rows(model, kernel, [r for r in runs if r not in late])
+
+    model = None  # frees the int4 model before NF4 is built
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -1020,12 +1235,73 @@ def run_int4_benchmark(
                 )
                 continue
             results["generate"].append(
-                time_generation(model, processor, sample, batch_size, new_tokens, log, None, kind="nf4")
+                time_generation(
+                    model,
+                    processor,
+                    sample,
+                    batch_size,
+                    new_tokens,
+                    log,
+                    None,
+                    kind="nf4",
+                    measure_prefill=True,
+                )
             )
             _write(out_path, results)
+    if late:
+        model = None
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+        if time_left():
+            model = build("bf16")
+            kernel = late[0][3]
+            quantize_language_model_int4(model, kernel)
+            if cuda:
+                props = torch.cuda.get_device_properties(0)
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / props.total_memory))
+        run_rows(model if time_left() else None, kernel, late)
     results["seconds"] = round(time.perf_counter() - started, 1)
     _write(out_path, results)
     return results
+
+
+def int4_chart(results: dict[str, Any], path: Path, notes: dict[tuple[str, int], str] | None = None) -> Path:
+    """Bars of measured s/image per path (batch 1 and batched side by side) with the goals as lines;
+    `notes` ((model, batch) -> text) are appended to those bars' labels (e.g. why a figure is not valid)."""
+    notes = notes or {}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in results["generate"] if r.get("status") == "ok"]
+    figure = Figure(figsize=(11, 5.5))
+    FigureCanvasAgg(figure)
+    for axis, (title, keep, goal) in zip(
+        figure.subplots(1, 2),
+        (("batch 1", lambda r: r["batch_size"] == 1, 1.5), ("batched", lambda r: r["batch_size"] > 1, 0.10)),
+        strict=True,
+    ):
+        chosen = [r for r in rows if keep(r)]
+        labels = [
+            f"{r['model']} ({r['cache']}, b{r['batch_size']})"
+            + (f"\n{notes[(r['model'], r['batch_size'])]}" if (r["model"], r["batch_size"]) in notes else "")
+            for r in chosen
+        ]
+        values = [r["s_per_image"] for r in chosen]
+        axis.barh(range(len(values)), values, color="tab:blue")
+        axis.set_yticks(range(len(values)), labels, fontsize=7)
+        axis.invert_yaxis()
+        axis.axvline(goal, color="tab:red", linestyle="--", label=f"goal {goal} s/image")
+        for i, value in enumerate(values):
+            axis.text(value, i, f" {value:.3g}", va="center", fontsize=7)
+        axis.set_xscale("log")
+        axis.set_xlabel("s/image (measured, log scale)")
+        axis.set_title(f"{title}, {results['new_tokens']} new tokens")
+        axis.legend(fontsize=7, loc="lower right")
+    figure.suptitle(f"Qwen3-VL-32B shape, random weights, {results['gpu']}, {results['cap_gib']} GiB cap")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
 
 
 A800_BANDWIDTH_RATIO = 4.8 / 2.0  # H200 / A800 memory bandwidth: decoding reads every weight per token

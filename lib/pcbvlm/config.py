@@ -169,9 +169,15 @@ class EvalConfig(Section):
     # per token, after a compilation per batch shape (BENCHMARKS.md). dynamic: plain HF generate.
     kv_cache: Literal["dynamic", "static"] = "dynamic"
     # A quantized (compressed-tensors W4A16) model runs packed (pcbvlm.int4): tinygemm (torch's int4 kernel
-    # for a few rows, its weights read back to bf16 per layer for many) or dequant (plain nibbles, always
-    # dequantized per layer; slower on the H200).
-    int4_kernel: Literal["tinygemm", "dequant"] = "tinygemm"
+    # for a few rows, its weights read back to bf16 per layer for many), dequant (plain nibbles, always
+    # dequantized per layer; slower on the H200) or triton (plain nibbles, a fused int4 matmul for up to
+    # 256 rows on CUDA: pcbvlm.int4_triton).
+    int4_kernel: Literal["tinygemm", "dequant", "triton"] = "tinygemm"
+    # generate: transformers' generate. graph: pcbvlm.graphdecode (static cache, the whole decoding step one
+    # CUDA graph on a GPU, no compilation; the same greedy tokens). kv_cache and prompt_lookup_tokens apply
+    # to generate only; draft_tokens to graph only (batch 1: drafted tokens verified per step, 0 = off).
+    decoder: Literal["generate", "graph"] = "generate"
+    draft_tokens: int = Field(0, ge=0, le=15)
     # Batch 1 only: draft up to N tokens by prompt lookup (repeated n-grams: the answer's JSON scaffolding)
     # and verify them in one forward pass; the same greedy answer. 0 = off. Needs the dynamic KV cache.
     prompt_lookup_tokens: int = Field(0, ge=0)

@@ -45,6 +45,9 @@ class LoadedModel:
     path: str
     kv_cache: str = "dynamic"  # eval.kv_cache: dynamic, or static (compiled decoding on a GPU)
     prompt_lookup_tokens: int = 0  # eval.prompt_lookup_tokens: draft tokens per step at batch 1 (0 = off)
+    decoder: str = "generate"  # eval.decoder: generate (transformers) or graph (pcbvlm.graphdecode)
+    draft_tokens: int = 0  # eval.draft_tokens: the graph decoder's drafted tokens per step at batch 1
+    graph_decoder: Any = None  # the GraphDecoder, made on first use (it keeps its cache and graphs)
 
     @property
     def family(self) -> ModelFamily:
@@ -161,7 +164,14 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
     # Batched generation appends new tokens on the right: prompts must be padded on the left.
     processor.tokenizer.padding_side = "left"
     return LoadedModel(
-        model, processor, kind, str(ref) if ref else base, cfg.eval.kv_cache, cfg.eval.prompt_lookup_tokens
+        model,
+        processor,
+        kind,
+        str(ref) if ref else base,
+        cfg.eval.kv_cache,
+        cfg.eval.prompt_lookup_tokens,
+        cfg.eval.decoder,
+        cfg.eval.draft_tokens,
     )
 
 
@@ -229,6 +239,8 @@ def generate_batch(
     min_new_tokens: int | None = None,
     cache_implementation: str | None = None,
     prompt_lookup_tokens: int | None = None,
+    decoder: str | None = None,
+    draft_tokens: int | None = None,
 ) -> list[tuple[str, list[tuple[int, int]], list[float]]]:
     """Greedy generation for a batch of chats; per sample: (text, token offsets, token probabilities).
     `cache_implementation` (default: the model's eval.kv_cache) "static" pre-allocates the KV cache,
@@ -252,6 +264,13 @@ def generate_batch(
     images = [load_image(p) for m in messages_batch for p in image_paths(m)]
     inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
     inputs = inputs.to(loaded.model.device)
+    image_tokens = [processor.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    if (decoder or loaded.decoder) == "graph":
+        drafts = loaded.draft_tokens if draft_tokens is None else draft_tokens
+        result = _graph_decoder(loaded, image_tokens).generate(
+            dict(inputs), max_new_tokens, min_new_tokens or 0, drafts if len(messages_batch) == 1 else 0
+        )
+        return _answers(processor.tokenizer, result.tokens, result.probabilities, loaded.family.end_of_answer)
     from transformers import LogitsProcessorList
 
     recorder = ChosenTokenProbability()
@@ -263,7 +282,6 @@ def generate_batch(
         extra = {"logits_processor": LogitsProcessorList([recorder])}
     # The answer is text: the image placeholders are never generated. This also keeps prompt lookup from
     # drafting them out of the prompt's image (the model would count them as image tokens).
-    image_tokens = [processor.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
     output = loaded.model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
@@ -281,8 +299,29 @@ def generate_batch(
     else:
         new_tokens = output[:, prompt_length:]
         token_probs = recorder.probabilities().cpu()
-    tokenizer = processor.tokenizer
-    stop_ids = {tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(loaded.family.end_of_answer)}
+    return _answers(processor.tokenizer, new_tokens, token_probs, loaded.family.end_of_answer)
+
+
+def _graph_decoder(loaded: LoadedModel, suppress_ids: list[int]):
+    if loaded.graph_decoder is None:
+        from pcbvlm.graphdecode import GraphDecoder
+
+        hf_model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        eos = hf_model.generation_config.eos_token_id
+        loaded.graph_decoder = GraphDecoder(
+            hf_model,
+            suppress_ids,
+            eos if isinstance(eos, list) else [eos],
+            loaded.processor.tokenizer.pad_token_id,
+        )
+    return loaded.graph_decoder
+
+
+def _answers(
+    tokenizer, new_tokens, token_probs, end_of_answer: str
+) -> list[tuple[str, list[tuple[int, int]], list[float]]]:
+    """Per row: the text up to the end of turn, its token offsets and the tokens' probabilities."""
+    stop_ids = {tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(end_of_answer)}
     results = []
     for row in range(new_tokens.shape[0]):
         ids = new_tokens[row].tolist()

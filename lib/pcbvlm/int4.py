@@ -16,6 +16,9 @@ each W4A16 group-quantized linear is then repacked, one at a time, into an `Int4
 - `dequant`: the nibbles kept as uint8 (2 per byte), every call dequantizes to bf16 and runs a plain
   matmul. Slower than tinygemm's read-back on the H200 at batch 128 (BENCHMARKS.md); kept as the
   simple reference layout.
+- `triton`: the same nibbles; on CUDA, calls of up to `TRITON_MAX_ROWS` rows run a fused dequant-matmul
+  (`pcbvlm.int4_triton`: each weight read once, unpacked in registers), larger calls (the prefill) and
+  the CPU take the `dequant` path.
 
 Conventions. compressed-tensors stores symmetric int4 q in [-8, 7] (no zero point), packed 8 per int32
 with element i at bits 4i..4i+3 as the unsigned q + 8, and one scale per `group_size` input channels:
@@ -37,11 +40,14 @@ from torch import nn
 
 from pcbvlm.errors import UserError
 
-Kernel = Literal["tinygemm", "dequant"]
+Kernel = Literal["tinygemm", "dequant", "triton"]
 # A tinygemm layer called with more rows than this (the prompt's prefill) dequantizes its weight from the
 # tinygemm layout and runs a bf16 matmul instead: the kernel re-reads the weight per 16-row tile, so a
 # 700-token prompt would cost ~45 weight reads.
 TINYGEMM_MAX_ROWS = 16
+# A triton layer called with more rows than this dequantizes to bf16 and runs cuBLAS: compute-bound calls
+# (the prefill) are faster there, and the weight read is then shared by the many rows.
+TRITON_MAX_ROWS = 256
 
 
 def unpack_int32(packed: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -189,7 +195,7 @@ class Int4Linear(nn.Module):
             )
         u = unpack_int32(packed, in_features)
         scale = scale.to(dtype)
-        if kernel == "dequant":
+        if kernel in ("dequant", "triton"):
             nibbles = (u[:, 0::2] << 4) | u[:, 1::2]
             return cls(in_features, out_features, group_size, kernel, nibbles.contiguous(), scale, bias)
         tiles = _inner_k_tiles(in_features)
@@ -211,15 +217,25 @@ class Int4Linear(nn.Module):
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The (out, in) weight in the compute dtype (the `dequant` layout only)."""
-        if self.kernel != "dequant":
+        """The (out, in) weight in the compute dtype (the `dequant` and `triton` layouts)."""
+        if self.kernel not in ("dequant", "triton"):
             raise RuntimeError("dequantized_weight: only the dequant layout keeps plain nibbles")
         if self.weight_int4.is_cuda and not torch.compiler.is_compiling():
-            return _dequantize_compiled(self.weight_int4, self.scales, self.group_size)
+            with torch.no_grad():  # one grad mode for every caller (see `forward`)
+                return _dequantize_compiled(self.weight_int4, self.scales, self.group_size)
         return _dequantize(self.weight_int4, self.scales, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "dequant":
+        if self.kernel == "triton" and x.is_cuda:
+            from pcbvlm import int4_triton
+
+            rows = x.reshape(-1, self.in_features)
+            if rows.shape[0] <= TRITON_MAX_ROWS and int4_triton.available(rows, self.group_size):
+                out = int4_triton.w4a16_matmul(
+                    rows.to(self.scales.dtype), self.weight_int4, self.scales, self.group_size
+                ).reshape(*x.shape[:-1], self.out_features)
+                return out + self.bias if self.bias is not None else out
+        if self.kernel in ("dequant", "triton"):
             return F.linear(x.to(self.scales.dtype), self.dequantized_weight(), self.bias)
         rows = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
         if rows.shape[0] > TINYGEMM_MAX_ROWS and self.unpack_order is not None:
@@ -228,9 +244,13 @@ class Int4Linear(nn.Module):
                     self.weight_int4, self.scales, self.unpack_order, self.group_size
                 )
             else:
-                weight = _dequantize_tinygemm_compiled(
-                    self.weight_int4, self.scales, self.unpack_order, self.group_size
-                )
+                # One grad mode for every caller: dynamo guards on it, and a second set of compilations
+                # (5 layer shapes each) runs into its recompile limit of 8, after which the remaining
+                # shapes run eagerly (BENCHMARKS.md, graph decoder, note (a)).
+                with torch.no_grad():
+                    weight = _dequantize_tinygemm_compiled(
+                        self.weight_int4, self.scales, self.unpack_order, self.group_size
+                    )
             return F.linear(x.to(self.scales.dtype), weight, self.bias)
         if rows.is_cuda:
             out = torch.ops.aten._weight_int4pack_mm(rows, self.weight_int4, self.group_size, self.scales)

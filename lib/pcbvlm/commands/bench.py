@@ -7,6 +7,7 @@ pcbvlm bench --parts int4 --batches 1,32,128 --static-batches 1 --nf4-batches 1 
                                              # the quantized model's int4 paths (pcbvlm.int4) vs NF4
 pcbvlm bench --parts int4 --smoke --batches 1,8 --static-batches 1 --new-tokens 8   # on a CPU
 pcbvlm bench --family qwen2_5_vl ...       # the same on Qwen2.5-VL-32B's shape (pcbvlm.families)
+bash bench/gpu/issue16.sh                    # + the graph decoder, drafts and the triton int4 layout
 """
 
 from __future__ import annotations
@@ -50,10 +51,34 @@ def main(argv=None) -> int:
         "--deadline-s", type=float, help="--parts int4: skip settings after this many seconds"
     )
     parser.add_argument(
+        "--graph-batches", default="", help="--parts int4: batch sizes through pcbvlm.graphdecode"
+    )
+    parser.add_argument(
+        "--graph-drafts", default="", help="--parts int4: drafted tokens per step, graph decoder, batch 1"
+    )
+    parser.add_argument(
+        "--graph-kernels", default="tinygemm", help="--parts int4: int4 layouts of the graph decoder rows"
+    )
+    parser.add_argument(
+        "--kernel-floor", action="store_true", help="--parts int4: time the int4 linears alone per layout"
+    )
+    parser.add_argument(
+        "--static-last",
+        action="store_true",
+        help="--parts int4: transformers' compiled static-cache rows after NF4 (a deadline cuts them first)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="--parts int4: a narrow 2-layer model, CPU allowed"
     )
     args = parser.parse_args(argv)
     command = shlex.join(["pcbvlm", "bench", *(sys.argv[1:] if argv is None else argv)])
+
+    graph_kernels = tuple(k.strip() for k in args.graph_kernels.split(",") if k.strip())
+    unknown = sorted(set(graph_kernels) - {"tinygemm", "dequant", "triton"})
+    if unknown:
+        raise UserError(
+            f"--graph-kernels: unknown int4 layout {', '.join(unknown)} (tinygemm, dequant, triton)"
+        )
 
     import torch
 
@@ -69,7 +94,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
     out = args.out or ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{gpu}.json"
     if args.parts == "int4":
-        from pcbvlm.bench import int4_markdown_table, run_int4_benchmark
+        from pcbvlm.bench import int4_chart, int4_markdown_table, run_int4_benchmark
 
         results = run_int4_benchmark(
             out,
@@ -84,8 +109,14 @@ def main(argv=None) -> int:
             deadline_s=args.deadline_s,
             smoke=args.smoke,
             family=args.family,
+            graph_batches=_sizes(args.graph_batches),
+            graph_drafts=_sizes(args.graph_drafts),
+            graph_kernels=graph_kernels,
+            kernel_floor=args.kernel_floor,
+            static_last=args.static_last,
         )
         table = int4_markdown_table(results)
+        int4_chart(results, out.with_suffix(".png"))
         out.with_suffix(".md").write_text(f"`{command}`\n\n{table}")
         print(table)
         print(f"results: {out}")
