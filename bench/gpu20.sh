@@ -31,7 +31,7 @@ else
   PY=python3
   SITE=/tmp/site20
   SITE_U=/tmp/site20u
-  CKPT_ARGS=""; UNSLOTH_ARGS="--micro-batches 16,8"; OURS_ARGS=""
+  CKPT_ARGS=""; UNSLOTH_ARGS="--micro-batches ${UNSLOTH_MB:-16,8}"; OURS_ARGS=""
   # The project's GPU wheels for every step; Unsloth and its dependencies (trl, datasets, torchao, ...)
   # in a folder of their own that only the Unsloth steps see, so our rows run in the usual environment.
   timeout 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
@@ -54,7 +54,7 @@ if [ -f $CKPT/config.json ]; then  # a finished one (written as .partial, then r
   say "checkpoint $CKPT already there"
 else
   say "checkpoint -> $CKPT"
-  timeout 150 $PY $HERE/jobs/bench_unsloth.py checkpoint --checkpoint $CKPT --layers $LAYERS $CKPT_ARGS 2>&1 \
+  timeout ${CKPT_TIMEOUT:-150} $PY $HERE/jobs/bench_unsloth.py checkpoint --checkpoint $CKPT --layers $LAYERS $CKPT_ARGS 2>&1 \
     | grep -v -E "Writing model shards|Loading weights" | tee -a "$LOG"
   say "checkpoint exit $?; $(du -sh $CKPT 2>/dev/null | cut -f1)"
 fi
