@@ -6,6 +6,9 @@
 #   1. install the carried wheels (.whl, .dev/20/whl) into /tmp/site20
 #   2. `import unsloth` check (in the background) while the random checkpoint is saved to /tmp
 #   3. Unsloth's rows (first: the most uncertain part), 4. this project's rows, 5. the table.
+# Variables: LAYERS (16), STEPS (4), BUDGET (540), UNSLOTH_MB (Unsloth's micro-batches, "16,8"), CKPT_TIMEOUT (150 s
+# for building and saving the checkpoint; the 64-layer one took 98 s). The 64-layer run of 2026-11-30:
+# LAYERS=64 STEPS=3 UNSLOTH_MB=16 CKPT_TIMEOUT=200.
 set -o pipefail
 # The device call carries a copy of lib/, jobs/, config/ and the wheels in .dev/20; in a checkout that
 # has no such copy, the repo's own lib/ and jobs/ are used (wheels still expected in $HERE/whl).
