@@ -6,6 +6,9 @@
 #   1. install the carried wheels (.whl, .dev/20/whl) into /tmp/site20
 #   2. `import unsloth` check (in the background) while the random checkpoint is saved to /tmp
 #   3. Unsloth's rows (first: the most uncertain part), 4. this project's rows, 5. the table.
+# Variables: LAYERS (16), STEPS (4), BUDGET (540), UNSLOTH_MB (Unsloth's micro-batches, "16,8"), CKPT_TIMEOUT (150 s
+# for building and saving the checkpoint; the 64-layer one took 98 s). The 64-layer run of 2026-11-30:
+# LAYERS=64 STEPS=3 UNSLOTH_MB=16 CKPT_TIMEOUT=200.
 set -o pipefail
 # The device call carries a copy of lib/, jobs/, config/ and the wheels in .dev/20; in a checkout that
 # has no such copy, the repo's own lib/ and jobs/ are used (wheels still expected in $HERE/whl).
@@ -31,7 +34,7 @@ else
   PY=python3
   SITE=/tmp/site20
   SITE_U=/tmp/site20u
-  CKPT_ARGS=""; UNSLOTH_ARGS="--micro-batches 16,8"; OURS_ARGS=""
+  CKPT_ARGS=""; UNSLOTH_ARGS="--micro-batches ${UNSLOTH_MB:-16,8}"; OURS_ARGS=""
   # The project's GPU wheels for every step; Unsloth and its dependencies (trl, datasets, torchao, ...)
   # in a folder of their own that only the Unsloth steps see, so our rows run in the usual environment.
   timeout 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
@@ -54,7 +57,7 @@ if [ -f $CKPT/config.json ]; then  # a finished one (written as .partial, then r
   say "checkpoint $CKPT already there"
 else
   say "checkpoint -> $CKPT"
-  timeout 150 $PY $HERE/jobs/bench_unsloth.py checkpoint --checkpoint $CKPT --layers $LAYERS $CKPT_ARGS 2>&1 \
+  timeout ${CKPT_TIMEOUT:-150} $PY $HERE/jobs/bench_unsloth.py checkpoint --checkpoint $CKPT --layers $LAYERS $CKPT_ARGS 2>&1 \
     | grep -v -E "Writing model shards|Loading weights" | tee -a "$LOG"
   say "checkpoint exit $?; $(du -sh $CKPT 2>/dev/null | cut -f1)"
 fi

@@ -1,7 +1,8 @@
 #!/bin/bash
-# Issue 16, OPTIONAL second call (only if the lead has device time left) on one H200 (GPU 1 of an x2 lease), <= 540 s: the quantized model's inference paths
+# Issue 16, second call on one H200 (GPU 1 of an x2 lease; ran 2026-11-30), <= 540 s: the quantized model's inference paths
 # side by side (32B shape, random weights, 230 new tokens, 80 GiB cap), from the repo root:
-#   bash .dev/16/gpu2.sh           (the lead's call; $OUT set)
+#   bash bench/gpu/issue16-second.sh  (with $OUT set and lib/, jobs/, config/ copied into .dev/16; the device
+#                                      call ran this file as .dev/16/gpu2.sh)
 #   DRY=1 OUT=/tmp/o bash bench/gpu/issue16-second.sh   (CPU rehearsal: --smoke, 8 tokens)
 # What the first call (gpu.sh, 2026-11-30 02:45) left out or got wrong: plain HF NF4 batch 1 and 128, main's
 # tinygemm batch 128 (generate) and compiled static batch 1, and the graph decoder on the tinygemm layout
