@@ -60,3 +60,10 @@ def test_job_without_a_checkpoint_fails_in_one_line(tmp_path):
         done.stderr.strip()
         == f"error: --checkpoint: {tmp_path}/config.json not found (run the checkpoint step)"
     )
+
+
+def test_picture_title_says_whether_the_model_is_cut():
+    from pcbvlm.bench_unsloth import _shape_title
+
+    assert _shape_title(64) == "Qwen3-VL-32B shape (all 64 decoder layers)"
+    assert _shape_title(16) == "Qwen3-VL-32B shape cut to 16 of its 64 decoder layers"

@@ -43,6 +43,7 @@ from pcbvlm.bench import (
     configured_setting,
     time_training,
 )
+from pcbvlm.shapes import qwen3_vl_32b_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -244,6 +245,14 @@ def run_unsloth(
     return results
 
 
+def _shape_title(layers: int | None) -> str:
+    """The picture's model: the whole 32B shape (its 64 decoder layers), or a cut of it."""
+    full = qwen3_vl_32b_shape().num_layers
+    if layers is None or layers == full:
+        return f"Qwen3-VL-32B shape (all {full} decoder layers)"
+    return f"Qwen3-VL-32B shape cut to {layers} of its {full} decoder layers"
+
+
 def side_by_side_plan(cfg, layers: int) -> list[Setting]:
     """This project's rows next to Unsloth's: the configured setting as merged (issue 9), the same with
     this issue's levers, the levers with every layer checkpointed (the memory Unsloth's offloaded
@@ -401,10 +410,8 @@ def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path)
     speed.set_xlabel("s / sample (lower is faster)")
     memory.set_xlabel("peak GiB")
     speed.invert_yaxis()
-    layers = (ours or {}).get("layers")
     fig.suptitle(
-        f"Training step, Qwen3-VL-32B shape{f' cut to {layers} decoder layers' if layers else ''}, "
-        "random weights, same batch; orange: Unsloth"
+        f"Training step, {_shape_title((ours or {}).get('layers'))}, random weights, same batch; orange: Unsloth"
     )
     for ax in (speed, memory):
         ax.grid(axis="x", alpha=0.3)
