@@ -18,14 +18,15 @@ the memory cap, and then:
 Each rank writes its own part (`<out>.<profile>.rank<N>.json`): after an out-of-memory error, ranks may
 not be able to agree on anything, so the driver merges the parts.
 
-ZeRO-3: the 4-bit weights are stored in bf16 elements (`quant_storage`, as `pcbvlm.modeling` does) so that
-DeepSpeed can shard them, and Liger's fused cross-entropy is off (it reads lm_head's weight outside
+ZeRO-3: the model is built before the Accelerator (so outside `deepspeed.zero.Init`), the 4-bit weights
+are stored in bf16 elements (`quant_storage`, as `pcbvlm.modeling` does) so that DeepSpeed can shard them, and Liger's fused cross-entropy is off (it reads lm_head's weight outside
 lm_head's forward, where ZeRO-3 has not gathered it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -84,6 +85,7 @@ def time_distributed(
     )
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    lora_parameters = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     if zero_stage is not None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -113,7 +115,7 @@ def time_distributed(
         "setting": setting.__dict__,
         "processes": world,
         "zero_stage": zero_stage,
-        "lora_parameters": sum(p.numel() for p in params),
+        "lora_parameters": lora_parameters,
     }
     batch = make_batch(setting.micro_batch)
     result["tokens_per_sample"] = int(batch["attention_mask"][0].sum())
@@ -187,7 +189,7 @@ def worker(
     tiny: bool = False,
 ) -> dict[str, Any]:
     """One process of a profile's launch: build the model, time, write `<out_prefix>.<profile>.rank<N>.json`."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
     from pcbvlm.bench import (
         benchmark_model_config,
@@ -203,14 +205,9 @@ def worker(
     from pcbvlm.launch import ROOT
     from pcbvlm.training import deepspeed_zero_stage
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
     zero_stage = deepspeed_zero_stage()
-
-    def log(message: str) -> None:
-        print(f"[{profile} rank {rank}/{world}] {message}", flush=True)
-
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     cfg = load_config(ROOT / "config" / "config.yaml")
     processor = benchmark_processor(cfg.data.max_pixels)
     if tiny:  # a CPU rehearsal of the whole flow with the tiny model's shape
@@ -221,11 +218,18 @@ def worker(
             config.text_config.num_hidden_layers = layers
     else:
         config = benchmark_model_config(processor.tokenizer, layers)
-    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same random weights on every rank (DDP and DeepSpeed broadcast rank 0's)
     begin = time.perf_counter()
+    # Built before the Accelerator exists: under a ZeRO-3 profile, `Accelerator()` makes transformers
+    # build every sub-model made by `from_config` (Qwen3-VL's vision tower and language model) inside
+    # `deepspeed.zero.Init`, which leaves each parameter an empty shard, and the NF4 quantization that
+    # follows then launches bitsandbytes kernels on empty weights (`invalid argument` at ops.cu:74, the
+    # first ZeRO-3 attempt). accelerate's `zero3_init_context_manager(enable=False)` does not help
+    # (accelerate 1.15 re-registers the same stage-3 config). The training job is not affected:
+    # `from_pretrained` with a quantization config never uses `zero.Init`; like it, the benchmark
+    # builds the whole model on every rank and `accelerator.prepare` (DeepSpeed) partitions it.
     model = build_random_model(
         config,
         dtype=torch.bfloat16 if cuda else torch.float32,
@@ -233,6 +237,16 @@ def worker(
         device=device,
         quant_storage=torch.bfloat16 if zero_stage == 3 else torch.uint8,
     )
+    # The process group first (gloo on the CPU, as the training job does), then the Accelerator with
+    # the profile's DeepSpeed plugin: `Accelerator(cpu=True)` would drop the plugin.
+    PartialState(cpu=not cuda)
+    accelerator = Accelerator()
+    assert accelerator.device.type == device.type and (not cuda or accelerator.device == device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def log(message: str) -> None:
+        print(f"[{profile} rank {rank}/{world}] {message}", flush=True)
+
     build_s = time.perf_counter() - begin
     weights_gib = gib(torch.cuda.memory_allocated(device)) if cuda else None
     log(f"built the model in {build_s:.0f} s ({weights_gib} GiB)")
