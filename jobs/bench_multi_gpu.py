@@ -10,6 +10,7 @@ Each profile is one `accelerate launch --config_file config/accelerate/<profile>
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
         try:
             code = proc.wait(timeout=timeout_for.get(profile, args.timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop_launch(proc)
             code = "timeout"
         launches[profile] = {"exit": code, "seconds": round(time.perf_counter() - begin, 1), "layers": layers}
         print(f"==> {profile}: exit {code} after {launches[profile]['seconds']} s", flush=True)
@@ -116,6 +116,24 @@ def main(argv=None) -> int:
     print(json.dumps(results["profiles"], indent=1)[:4000])
     print(f"results: {out}")
     return 0
+
+
+def stop_launch(proc: subprocess.Popen) -> None:
+    """Kill a launch and every worker it started. torch's elastic agent starts each worker in a session
+    of its own, so killing the launcher's process group alone left the workers running (and holding
+    their GPUs) after a timeout; they are found as the launcher's descendants first."""
+    import psutil
+
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
 
 
 def argparse_hidden() -> str:
