@@ -2,6 +2,7 @@
 
 python jobs/bench_multi_gpu.py --profiles ddp,zero2,zero3 --steps 3       # 2 GPUs, 64 layers
 python jobs/bench_multi_gpu.py --profiles cpu-multi --tiny --steps 1      # a CPU rehearsal (gloo)
+python jobs/bench_multi_gpu.py --plot A.json B.json --out profiles.png   # a picture of results files
 
 Each profile is one `accelerate launch --config_file config/accelerate/<profile>.yaml` of this script with
 --worker (pcbvlm.bench_multi says what each process measures); the first profile also measures the
@@ -43,10 +44,23 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the 1-GPU baseline")
     parser.add_argument("--tiny", action="store_true", help="the tiny model's shape (CPU rehearsal)")
+    parser.add_argument(
+        "--plot", type=Path, nargs="+", metavar="JSON", help="only draw these results files into --out (.png)"
+    )
     parser.add_argument("--worker", help=argparse_hidden())
     parser.add_argument("--single", action="store_true", help=argparse_hidden())
     args = parser.parse_args(argv)
     search = [int(b) for b in args.search.split(",") if b.strip()]
+
+    if args.plot:
+        from pcbvlm.bench_multi import plot_profiles, profile_rows
+        from pcbvlm.errors import ConfigError
+
+        if not args.out or args.out.suffix != ".png":
+            raise ConfigError("--plot needs --out FILE.png")
+        rows = profile_rows([json.loads(path.read_text()) for path in args.plot])
+        print(f"wrote {plot_profiles(rows, args.out, args.cap_gib)}")
+        return 0
 
     if args.worker:
         from pcbvlm.bench_multi import worker

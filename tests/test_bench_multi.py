@@ -9,6 +9,8 @@ import time
 
 import psutil
 
+from conftest import ROOT
+
 
 def test_a_timed_out_launch_leaves_no_worker_running(tmp_path):
     """torch's elastic agent starts each worker in a session of its own, so killing the launcher's process
@@ -42,3 +44,47 @@ def test_a_timed_out_launch_leaves_no_worker_running(tmp_path):
         for pid in (proc.pid, worker_pid):
             if pid and psutil.pid_exists(pid):
                 psutil.Process(pid).kill()
+
+
+def test_the_measured_results_files_give_one_row_per_setting_and_a_picture(tmp_path):
+    """The shipped 2-GPU results (DDP run; ZeRO-2 + ZeRO-3 run): each run's 1-GPU baseline, then its
+    profiles, with the figures BENCHMARKS.md quotes; the picture is a PNG."""
+    import json
+
+    from pcbvlm.bench_multi import plot_profiles, profile_rows
+
+    results = ROOT / "bench" / "results"
+    docs = [
+        json.loads((results / name).read_text())
+        for name in ("2026-11-29-NVIDIA-H200-x2-ddp.json", "2026-11-30-NVIDIA-H200-x2-zero.json")
+    ]
+    rows = profile_rows(docs)
+    assert [(r["label"], r["layers"], r["samples_per_s"], r["peak_gib"]) for r in rows] == [
+        ("1 GPU (ddp run)", 64, 3.923, 65.67),
+        ("ddp, 2 GPUs", 64, 7.614, 69.67),
+        ("1 GPU (zero2 run)", 64, 4.01, 65.67),
+        ("zero2, 2 GPUs", 64, 7.796, 62.97),
+        ("zero3, 2 GPUs", 16, 13.86, 50.05),
+    ]
+    out = plot_profiles(rows, tmp_path / "profiles.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_plot_without_a_png_target_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "bench_multi_gpu.py"),
+            "--plot",
+            "x.json",
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --plot needs --out FILE.png"
+    assert "Traceback" not in proc.stderr

@@ -366,3 +366,82 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{e['largest_micro_batch_fitting']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def profile_rows(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measured setting of merged results documents (`merge_parts`; a document may also map
+    names to such documents): label, layers, processes, samples/s, peak GiB per GPU. Each document's 1-GPU
+    baseline comes first, then its profiles that ran."""
+    rows: list[dict[str, Any]] = []
+    for doc in documents:
+        if "profiles" not in doc:  # several merged documents under their names
+            rows += profile_rows([d for d in doc.values() if isinstance(d, dict)])
+            continue
+        single = doc.get("single_gpu")
+        if single:
+            ran = [p for p, e in doc["profiles"].items() if e.get("status") == "ok"]
+            rows.append(
+                {
+                    "label": f"1 GPU ({ran[0]} run)" if ran else "1 GPU",
+                    "layers": single["layers"],
+                    "processes": 1,
+                    "samples_per_s": single["samples_per_s"],
+                    "peak_gib": single["peak_gib"],
+                }
+            )
+        for profile, entry in doc["profiles"].items():
+            if entry.get("status") != "ok":
+                continue
+            rows.append(
+                {
+                    "label": f"{profile}, {entry['processes']} GPUs",
+                    "layers": entry["layers"],
+                    "processes": entry["processes"],
+                    "samples_per_s": entry["samples_per_s"],
+                    "peak_gib": max(entry["peak_gib_per_gpu"]),
+                }
+            )
+    return rows
+
+
+def plot_profiles(rows: list[dict[str, Any]], out: Path, cap_gib: float = 80.0) -> Path:
+    """Samples/s and peak GiB per GPU of each row (`profile_rows`), the cap drawn; rows of a cut model
+    (fewer layers than the most in `rows`) are hatched and labelled: their figures do not compare."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no measured profile to plot")
+    full = max(r["layers"] for r in rows)
+    labels = [r["label"] + ("" if r["layers"] == full else f"\n({r['layers']}-layer cut)") for r in rows]
+    colors = ["#7f7f7f" if r["processes"] == 1 else "#1f77b4" for r in rows]
+    hatches = ["" if r["layers"] == full else "//" for r in rows]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, key, title in (
+        (speed, "samples_per_s", "samples/s (all GPUs)"),
+        (memory, "peak_gib", "peak GiB per GPU"),
+    ):
+        bars = ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+        for bar, hatch, row in zip(bars, hatches, rows, strict=True):
+            bar.set_hatch(hatch)
+            ax.annotate(
+                f"{row[key]:g}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+            )
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    memory.axhline(cap_gib, color="#d62728", linestyle="--", label=f"cap {cap_gib:g} GiB")
+    memory.set_ylim(0, cap_gib * 1.15)
+    memory.legend(loc="upper left")
+    fig.suptitle(f"QLoRA on the Qwen3-VL-32B shape ({full} layers unless marked), micro-batch 16 per GPU")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
