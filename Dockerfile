@@ -113,6 +113,7 @@ COPY --chown=${UID}:${GID} . /workspace
 RUN set -eu; \
     /opt/venv/bin/python -m pip install --no-cache-dir --disable-pip-version-check --no-deps \
         --no-build-isolation -e /workspace; \
+    /opt/venv/bin/pcbvlm --help >/dev/null; \
     rm -rf /workspace/lib/*.egg-info /workspace/build; \
     echo "${LOCK}" > /opt/venv/.installed
 

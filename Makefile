@@ -53,6 +53,9 @@ WHEELHOUSE_DIR  ?= wheelhouse
 JOB         ?= train
 DEEPPCB_DIR ?=
 DATA_DIR    ?=
+# The folders every config reads from the environment (pcbvlm.config.PATH_VARIABLES): one name each, honoured
+# by every job under every config (RUNNER=local: exported; RUNNER=docker: passed with -e when given here).
+PATH_VARIABLES := DEEPPCB_DIR DATA_DIR RUNS_DIR OUTPUTS_DIR
 export CONFIG SET
 
 # RUNNER: docker when a Docker engine answers and the job image exists, else local. Override freely.
@@ -81,14 +84,15 @@ ifeq ($(RUNNER),docker)
 # RUNNER=local; the tests run `make test` in the `test` service (the CPU image). DOCKER_RUN_ARGS adds options to
 # `docker compose run` (-e VAR=..., -v SRC:DST); -T (no TTY) when make's input is not a terminal.
 DOCKER_TTY := $(if $(shell test -t 0 && echo tty),,-T)
-RUN_JOB  = $(strip $(COMPOSE) run --rm $(DOCKER_TTY) $(DOCKER_RUN_ARGS) job)$(space)
+RUN_JOB  = $(strip $(COMPOSE) run --rm $(DOCKER_TTY) $(DOCKER_RUN_ARGS) $(DOCKER_PATH_ENV) job)$(space)
 RUN_TEST = $(strip $(COMPOSE) run --rm $(DOCKER_TTY) $(DOCKER_RUN_ARGS) test)$(space)
 JOB_DEPS = compose-dirs
 TEST_DEPS =
 # Paths given to jobs are container paths: compose mounts the host folders named by .env's HOST_* variables at
-# fixed places (compose.yaml). .env's DEEPPCB_DIR / DATA_DIR name host folders for RUNNER=local, so they are not
-# passed on; a value given on make's command line is (as a container path).
-$(foreach v,DEEPPCB_DIR DATA_DIR,$(if $(filter command line,$(origin $(v))),,$(eval $(v) :=)))
+# fixed places (compose.yaml). .env's path variables name host folders for RUNNER=local, so they are not
+# passed on; a value given on make's command line is (as a container path, `-e VAR=value`).
+$(foreach v,$(PATH_VARIABLES),$(if $(filter command line,$(origin $(v))),,$(eval $(v) :=)))
+DOCKER_PATH_ENV = $(foreach v,$(PATH_VARIABLES),$(if $($(v)),-e $(v)=$(call q,$($(v)))))
 else ifeq ($(RUNNER),local)
 RUN_JOB  = $(VENV)/bin/
 RUN_TEST = $(VENV)/bin/
@@ -98,8 +102,10 @@ TEST_DEPS = $(JOB_DEPS)
 else
 $(error RUNNER must be docker or local, got '$(RUNNER)')
 endif
-# `python` in the container, `.venv/bin/python` locally.
+# `python` in the container, `.venv/bin/python` locally; every job is a command of the `pcbvlm` command line
+# (pcbvlm.commands; README "Architecture"), run as `python -m pcbvlm` so that any image with the code runs it.
 JOBPY = $(RUN_JOB)python
+PCBVLM = $(JOBPY) -m pcbvlm
 
 define announce
 	@echo "==> $(1) [RUNNER=$(RUNNER) CONFIG=$(CONFIG)$(if $(SET), SET=\"$(SET)\")]"
@@ -149,49 +155,49 @@ lock: ## re-resolve requirements/*.in into the hashed locks (uv; needs PyPI)
 
 preflight: $(JOB_DEPS) ## check GPU, RAM, disk, packages against what JOB=train|merge|quantize|eval needs
 	$(call announce,preflight JOB=$(JOB))
-	$(JOBPY) jobs/preflight.py --job $(JOB) $(if $(PROFILE),--profile $(PROFILE)) || $(call failed,preflight)
+	$(PCBVLM) preflight --job $(JOB) $(if $(PROFILE),--profile $(PROFILE)) || $(call failed,preflight)
 
 synth: $(JOB_DEPS) ## generate a synthetic DeepPCB-layout dataset (N=64 OUT=data/synth/DeepPCB)
 	$(call announce,synth)
-	$(JOBPY) jobs/synth_data.py --num $(or $(N),64) --out $(call q,$(or $(OUT),data/synth/DeepPCB)) \
+	$(PCBVLM) synth --num $(or $(N),64) --out $(call q,$(or $(OUT),data/synth/DeepPCB)) \
 	    || $(call failed,synth)
 
 data: $(JOB_DEPS) ## convert FORMAT=deeppcb|coco|yolo|voc SRC=... (DeepPCB: DEEPPCB_DIR=...) to grounding jsonl (DATA_DIR=...)
 	$(call announce,data)
-	$(JOBPY) jobs/prepare_data.py $(if $(FORMAT),--format $(FORMAT)) \
+	$(PCBVLM) data $(if $(FORMAT),--format $(FORMAT)) \
 	    $(if $(SRC),--src $(call q,$(SRC)),$(if $(filter deeppcb,$(or $(FORMAT),deeppcb)),$(if $(DEEPPCB_DIR),--deeppcb-dir $(call q,$(DEEPPCB_DIR))))) \
 	    $(if $(DATA_DIR),--out $(call q,$(DATA_DIR))) $(if $(STRICT),--strict) || $(call failed,data)
 
-# pcbvlm.launch resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
+# `pcbvlm train` (pcbvlm.launch) resolves CONFIG + SET (+ PROFILE=) and runs `accelerate launch` with that profile.
 train: $(JOB_DEPS) ## QLoRA fine-tune (RESUME=auto|no, PROFILE=ddp for several GPUs); runs preflight first
 	@$(MAKE) preflight JOB=train
 	$(call announce,train)
-	$(JOBPY) -m pcbvlm.launch $(if $(PROFILE),--profile $(call q,$(PROFILE))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
+	$(PCBVLM) train $(if $(PROFILE),--profile $(call q,$(PROFILE))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
 	    || $(call failed,train)
 
 merge: $(JOB_DEPS) ## merge the adapter (newest run, or ADAPTER=path) into the bf16 base
 	@$(MAKE) preflight JOB=merge
 	$(call announce,merge)
-	$(JOBPY) jobs/merge.py $(if $(ADAPTER),--adapter $(call q,$(ADAPTER))) || $(call failed,merge)
+	$(PCBVLM) merge $(if $(ADAPTER),--adapter $(call q,$(ADAPTER))) || $(call failed,merge)
 
 quantize: $(JOB_DEPS) ## AWQ W4A16 with llm-compressor (MODEL=merged folder)
 	@$(MAKE) preflight JOB=quantize
 	$(call announce,quantize)
-	$(JOBPY) jobs/quantize.py $(if $(MODEL),--model $(call q,$(MODEL))) || $(call failed,quantize)
+	$(PCBVLM) quantize $(if $(MODEL),--model $(call q,$(MODEL))) || $(call failed,quantize)
 
 eval: $(JOB_DEPS) ## evaluate MODEL=auto|run|merged|quantized|path (or score PREDICTIONS=file, or COMPARE="dirA dirB")
 ifeq ($(PREDICTIONS)$(COMPARE),)
 	@$(MAKE) preflight JOB=eval
 endif
 	$(call announce,eval)
-	$(JOBPY) jobs/evaluate.py $(if $(MODEL),--model $(call q,$(MODEL))) $(if $(SPLIT),--split $(SPLIT)) \
+	$(PCBVLM) eval $(if $(MODEL),--model $(call q,$(MODEL))) $(if $(SPLIT),--split $(SPLIT)) \
 	    $(if $(OUT),--out $(call q,$(OUT))) $(if $(PREDICTIONS),--predictions $(call q,$(PREDICTIONS))) \
 	    $(if $(COMPARE),--compare $(COMPARE)) || $(call failed,eval)
 
 infer: $(JOB_DEPS) ## find defects on IMAGE=path [TEMPLATE=path] [OUT=overlay.png] [MODEL=...]
 	@test -n "$(IMAGE)" || { echo "error: give IMAGE=path/to/board.jpg"; exit 2; }
 	$(call announce,infer)
-	$(JOBPY) jobs/infer.py --image $(call q,$(IMAGE)) $(if $(TEMPLATE),--template $(call q,$(TEMPLATE))) \
+	$(PCBVLM) infer --image $(call q,$(IMAGE)) $(if $(TEMPLATE),--template $(call q,$(TEMPLATE))) \
 	    $(if $(OUT),--out $(call q,$(OUT))) $(if $(MODEL),--model $(call q,$(MODEL))) || $(call failed,infer)
 
 # The web page binds to 127.0.0.1 unless HOST is given on the command line (HOST=0.0.0.0 on a rented machine's
@@ -202,29 +208,29 @@ UI_BIND_PORT := $(if $(filter command line,$(origin PORT)),$(PORT),$(or $(UI_POR
 ui: $(JOB_DEPS) ## web page: inspect a board, browse evaluations [MODEL=... PORT=7860 HOST=127.0.0.1 EVALS=dir]
 	$(call announce,ui on http://$(UI_BIND_HOST):$(UI_BIND_PORT))
 ifeq ($(RUNNER),docker)
-	UI_HOST=$(UI_BIND_HOST) UI_PORT=$(UI_BIND_PORT) $(COMPOSE) run --rm --service-ports $(DOCKER_TTY) $(DOCKER_RUN_ARGS) ui \
-	    python jobs/ui.py --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(call q,$(MODEL))) \
+	UI_HOST=$(UI_BIND_HOST) UI_PORT=$(UI_BIND_PORT) $(COMPOSE) run --rm --service-ports $(DOCKER_TTY) $(DOCKER_RUN_ARGS) $(DOCKER_PATH_ENV) ui \
+	    python -m pcbvlm ui --host 0.0.0.0 --port 7860 $(if $(MODEL),--model $(call q,$(MODEL))) \
 	    $(if $(EVALS),--evals $(call q,$(EVALS))) || $(call failed,ui)
 else
-	$(JOBPY) jobs/ui.py --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(call q,$(MODEL))) \
+	$(PCBVLM) ui --host $(UI_BIND_HOST) --port $(UI_BIND_PORT) $(if $(MODEL),--model $(call q,$(MODEL))) \
 	    $(if $(EVALS),--evals $(call q,$(EVALS))) || $(call failed,ui)
 endif
 
 clean-cache: $(JOB_DEPS) ## list / delete HF cache snapshots and stale checkpoints (DRY_RUN=1 to preview; DELETE=path for a final model)
 	$(call announce,clean-cache)
-	$(JOBPY) jobs/clean_cache.py $(if $(DRY_RUN),--dry-run) $(if $(PATTERN),--pattern $(call q,$(PATTERN))) \
+	$(PCBVLM) clean-cache $(if $(DRY_RUN),--dry-run) $(if $(PATTERN),--pattern $(call q,$(PATTERN))) \
 	    $(if $(KEEP),--keep $(KEEP)) $(if $(DELETE),--delete $(call q,$(DELETE))) || $(call failed,clean-cache)
 
 bench: $(JOB_DEPS) ## GPU benchmark of the real 32B shape (random weights): training and inference
 	$(call announce,bench)
-	$(JOBPY) jobs/bench.py || $(call failed,bench)
+	$(PCBVLM) bench || $(call failed,bench)
 
 learn: $(JOB_DEPS) ## GPU: a small Qwen3-VL from scratch on fresh synthetic boards, held-out curve (LEARN_ARGS="--size demo")
 	$(call announce,learn)
-	$(JOBPY) jobs/learn.py $(LEARN_ARGS) || $(call failed,learn)
+	$(PCBVLM) learn $(LEARN_ARGS) || $(call failed,learn)
 
 demo: $(JOB_DEPS) ## the whole pipeline on the tiny embedded model and synthetic data, CPU only
-	$(JOBPY) jobs/demo.py || $(call failed,demo)
+	$(PCBVLM) demo || $(call failed,demo)
 
 # ---------------------------------------------------------------------------------------------------------
 # Quality

@@ -1,1 +1,1 @@
-"""Thin entry points: `python jobs/<job>.py` or `python -m jobs.<job>`; the logic lives in lib/pcbvlm."""
+"""Shims: `python jobs/<job>.py` runs `pcbvlm.commands.<job>` (the `pcbvlm` command line; README "Architecture")."""

@@ -1,43 +1,8 @@
-"""Fine-tune Qwen3-VL with QLoRA on the converted DeepPCB data.
+"""`python jobs/train.py ...`: one training process, without a launcher (pcbvlm.commands.train); `pcbvlm train`
+runs it under `accelerate launch` with the configured profile."""
 
-make train [RESUME=auto|no|path] [CONFIG=...] [SET="train.lr=5e-5"] [PROFILE=ddp]
-= python -m pcbvlm.launch, which runs `accelerate launch --config_file config/accelerate/<profile>.yaml
-jobs/train.py [--resume auto]` with the profile the resolved config (or PROFILE) names
-"""
-
-from __future__ import annotations
-
-import logging
-import os
-
-from pcbvlm.cli import config_from_args, make_parser, run_job
-
-
-def main(argv=None) -> int:
-    parser = make_parser("train", __doc__.splitlines()[0])
-    parser.add_argument(
-        "--resume",
-        default=os.environ.get("RESUME") or "auto",
-        help="auto (newest unfinished run of this config), no (start over), or a run/checkpoint folder",
-    )
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    from pcbvlm.training import print_summary, train
-
-    result = train(cfg, resume=args.resume)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        if result.status == "already finished":
-            print(
-                f"{result.run_dir.name} is already trained ({result.adapter_dir}); RESUME=no trains a new run"
-            )
-        else:
-            print_summary(result)
-    return 0
-
+from pcbvlm.cli import run_job
+from pcbvlm.commands.train import main
 
 if __name__ == "__main__":
     run_job(main)

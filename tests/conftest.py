@@ -30,12 +30,17 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-def run_job(script: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
-    """Run `python jobs/<script>` like the Makefile does; return the CompletedProcess."""
+def run_job(command: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run `python -m pcbvlm <command>` like the Makefile does (a dotted name: `python -m <module>`, e.g.
+    pcbvlm.commands.train, one training process without the launcher); return the CompletedProcess."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("SET", "CONFIG")}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    if command.endswith(".py"):  # a shim's file name, as older tests name jobs
+        target = [str(ROOT / "jobs" / command)]
+    else:
+        target = ["-m", command] if "." in command else ["-m", "pcbvlm", command]
     return subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / script), *args],
+        [sys.executable, *target, *args],
         cwd=cwd or ROOT,
         env=full_env,
         capture_output=True,
@@ -78,7 +83,7 @@ def make_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
     torch.save({"last_epoch": step}, folder / "scheduler.pt")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if complete:
-        from pcbvlm.training import write_checkpoint_marker
+        from pcbvlm.runs import write_checkpoint_marker
 
         write_checkpoint_marker(folder, step)
     return folder

@@ -1,4 +1,4 @@
-"""The multi-GPU benchmark's driver (jobs/bench_multi_gpu.py): what it does when a launch runs past its time."""
+"""The multi-GPU benchmark's driver (`pcbvlm bench-multi`): a timed-out launch, the picture of results files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_a_timed_out_launch_leaves_no_worker_running(tmp_path):
     """torch's elastic agent starts each worker in a session of its own, so killing the launcher's process
     group alone left the workers running (holding their GPUs while the next profile started). A launcher
     that starts its worker the same way: after stop_launch, neither is left."""
-    from jobs.bench_multi_gpu import stop_launch
+    from pcbvlm.commands.bench_multi_gpu import stop_launch
 
     pid_file = tmp_path / "worker.pid"
     launcher = textwrap.dedent(

@@ -12,7 +12,7 @@ from conftest import make_checkpoint, run_job
 from pcbvlm.cache import execute_plan, folder_size, hub_cache_dir, list_checkpoints, plan_cleanup
 from pcbvlm.config import load_config
 from pcbvlm.errors import UserError
-from pcbvlm.training import RunLock
+from pcbvlm.runs import RunLock
 
 BASE = "Qwen/Qwen3-VL-32B-Instruct"
 SHA_NEW = "a" * 40
@@ -121,13 +121,8 @@ def test_plan_defaults_base_model_and_keep_one(world):
 
 def test_real_run_removes_exactly_what_the_dry_run_listed(world, capsys):
     cfg, overrides, tmp = world
-    from importlib import util
+    from pcbvlm.commands import clean_cache as job
 
-    spec = util.spec_from_file_location(
-        "clean_cache_job", Path(__file__).parents[1] / "jobs" / "clean_cache.py"
-    )
-    job = util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     args = [a for o in overrides for a in ("--set", o)]
 
     before = tree(tmp)
@@ -217,16 +212,16 @@ def test_glob_pattern_and_missing_cache(world, tmp_path):
 def test_cli_dry_run_deletes_nothing(world):
     _, overrides, tmp = world
     before = tree(tmp)
-    proc = run_job("clean_cache.py", "--dry-run", *[a for o in overrides for a in ("--set", o)])
+    proc = run_job("clean-cache", "--dry-run", *[a for o in overrides for a in ("--set", o)])
     assert proc.returncode == 0, proc.stderr
     assert "dry run: would free" in proc.stdout
     assert tree(tmp) == before
     bad = run_job(
-        "clean_cache.py", "--delete", str(tmp / "outputs"), *[a for o in overrides for a in ("--set", o)]
+        "clean-cache", "--delete", str(tmp / "outputs"), *[a for o in overrides for a in ("--set", o)]
     )
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: --delete") and "Traceback" not in bad.stderr
-    negative = run_job("clean_cache.py", "--keep", "-1", *[a for o in overrides for a in ("--set", o)])
+    negative = run_job("clean-cache", "--keep", "-1", *[a for o in overrides for a in ("--set", o)])
     assert negative.returncode == 2 and "--keep: must be 0 or more" in negative.stderr
 
 

@@ -114,7 +114,7 @@ def test_services_users_profiles_and_commands(compose):
     # the web page: the job service with its port published on 127.0.0.1 unless UI_HOST says otherwise
     assert ui["extends"] == {"service": "job"}
     assert ui["ports"] == ["${UI_HOST:-127.0.0.1}:${UI_PORT:-7860}:7860"]
-    assert ui["command"][:2] == ["python", "jobs/ui.py"] and "0.0.0.0" in ui["command"]
+    assert ui["command"][:4] == ["python", "-m", "pcbvlm", "ui"] and "0.0.0.0" in ui["command"]
     # vllm serves the quantized folder as "pcbvlm", from a pinned image
     image = vllm["image"]
     assert image.startswith("${VLLM_IMAGE:-vllm/vllm-openai:v") and not image.endswith(":latest}")
@@ -152,25 +152,36 @@ def test_job_volumes_cover_cache_data_checkpoints_outputs(compose):
     assert job["environment"]["HF_HOME"] == "/cache/huggingface"
 
 
-@pytest.mark.parametrize("config", ["config/config.yaml", "config/tiny.yaml"])
+@pytest.mark.parametrize("config", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_config_paths_point_into_the_job_volumes(compose, config):
-    """Every ${VAR:-default} path of the config is set in `job` to /<default>, inside a mounted folder, so the
-    container sees the files that RUNNER=local sees under the project folder."""
+    """Every ${VAR:-default} path of every config is emptied in `job` (a .env value is a host path), so the
+    config's own relative default applies under /workspace, where a mount of the same host folder as with
+    RUNNER=local lies: the container sees the files that RUNNER=local sees, whatever HOST_* says."""
     job = compose["services"]["job"]
     env = job["environment"]
-    mounts = [t for t in _targets(job) if t != "/workspace"]
-    data = yaml.safe_load((ROOT / config).read_text())
-    values = [*data.get("paths", {}).values(), (data.get("model") or {}).get("name_or_path")]
-    checked = 0
-    for value in values:
+    mounts = _targets(job)
+    data = yaml.safe_load(config.read_text())
+    folders = []  # the relative folders the config uses when no variable is set
+    for value in [*data.get("paths", {}).values(), (data.get("model") or {}).get("name_or_path")]:
         if not isinstance(value, str):
             continue
-        for var, default in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", value):
-            assert var in env, f"{config}: {var} is not set in compose service job"
-            assert env[var] == "/" + default.strip("/"), (var, env[var], default)
-            assert any(env[var] == m or env[var].startswith(m + "/") for m in mounts), (var, env[var])
-            checked += 1
-    assert checked >= 4, config
+        refs = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", value)
+        for var, default in refs:
+            assert env.get(var) == "", f"{config.name}: {var} is not emptied in compose service job"
+            folders.append(default)
+        if not refs and value.startswith("models/"):  # a local model folder (a hub id is not one)
+            folders.append(value)
+    for default in folders:
+        inside = "/workspace/" + default.strip("/")
+        target = max(
+            (t for t in mounts if t != "/workspace" and (inside == t or inside.startswith(t + "/"))),
+            key=len,
+            default=None,
+        )
+        assert target is not None, f"{config.name}: {default} is in no mount under /workspace"
+        host_default = mounts[target].split(":-", 1)[1].rstrip("}")
+        assert host_default == "./" + target.removeprefix("/workspace/"), (target, mounts[target])
+    assert len(folders) >= 4, config.name
 
 
 def test_env_example_documents_every_variable():
@@ -298,9 +309,9 @@ def _make_n(*args: str) -> str:
 @pytest.mark.parametrize(
     "args, command",
     [
-        (["preflight", "JOB=train"], "python jobs/preflight.py --job train"),
-        (["merge", "ADAPTER=/checkpoints/run1"], "python jobs/merge.py --adapter '/checkpoints/run1'"),
-        (["eval", "MODEL=quantized", "SPLIT=val"], "python jobs/evaluate.py --model 'quantized' --split val"),
+        (["preflight", "JOB=train"], "python -m pcbvlm preflight --job train"),
+        (["merge", "ADAPTER=/checkpoints/run1"], "python -m pcbvlm merge --adapter '/checkpoints/run1'"),
+        (["eval", "MODEL=quantized", "SPLIT=val"], "python -m pcbvlm eval --model 'quantized' --split val"),
     ],
 )
 def test_docker_runner_runs_the_local_command_in_the_job_service(args, command):

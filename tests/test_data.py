@@ -104,9 +104,7 @@ def test_real_boxes_round_trip_through_relative_coordinates(shared_annotations):
 
 def test_convert_shared_copy_through_the_job(shared_pcbdata, tmp_path):
     out = tmp_path / "converted"
-    proc = run_job(
-        "prepare_data.py", "--deeppcb-dir", str(shared_pcbdata.parent), "--out", str(out), timeout=120
-    )
+    proc = run_job("data", "--deeppcb-dir", str(shared_pcbdata.parent), "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "excluded by data.exclude_ids: 44000020" in proc.stdout
@@ -144,7 +142,7 @@ def test_convert_shared_copy_through_the_job(shared_pcbdata, tmp_path):
 
     # A re-run on the same input changes no byte.
     before = _read_outputs(out)
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(shared_pcbdata), "--out", str(out), timeout=120)
+    proc = run_job("data", "--deeppcb-dir", str(shared_pcbdata), "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
     after = _read_outputs(out)
     assert after.keys() == before.keys() == set(OUTPUTS)
@@ -418,7 +416,7 @@ def test_bad_input_fails_strict_run_and_keeps_previous_outputs(case, layout, pre
     shutil.copytree(previous_outputs, out)
     before = _read_outputs(out)
 
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(layout), "--out", str(out), "--strict")
+    proc = run_job("data", "--deeppcb-dir", str(layout), "--out", str(out), "--strict")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -453,7 +451,7 @@ def test_bad_input_is_skipped_and_reported_without_strict(case, layout, tmp_path
 
 def test_missing_split_file_is_an_error_in_any_mode(layout, tmp_path):
     (layout / "PCBData" / "test.txt").unlink()
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(layout), "--out", str(tmp_path / "out"))
+    proc = run_job("data", "--deeppcb-dir", str(layout), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {(layout / 'PCBData').resolve() / 'test.txt'}: split file not found "
@@ -465,7 +463,7 @@ def test_missing_split_file_is_an_error_in_any_mode(layout, tmp_path):
 @pytest.mark.parametrize("where", ["empty", "missing"])
 def test_folder_without_pcbdata_is_an_error_in_any_mode(where, tmp_path):
     folder = _empty(tmp_path) if where == "empty" else tmp_path / "nowhere"
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(folder), "--out", str(tmp_path / "out"))
+    proc = run_job("data", "--deeppcb-dir", str(folder), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     expected = "no PCBData folder here" if where == "empty" else "DeepPCB folder not found"
@@ -477,7 +475,7 @@ def test_folder_without_pcbdata_is_an_error_in_any_mode(where, tmp_path):
 def test_all_samples_missing_is_an_error(layout, tmp_path):
     for image in (layout / "PCBData").glob("*/*/*.jpg"):
         image.unlink()
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(layout), "--out", str(tmp_path / "out"))
+    proc = run_job("data", "--deeppcb-dir", str(layout), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "no sample could be converted (6 missing_image)" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -427,7 +427,7 @@ def test_make_data_passes_format_and_src():
         check=True,
     )
     command = " ".join(proc.stdout.replace("\\\n", " ").split())
-    assert "jobs/prepare_data.py --format voc --src '/boards/voc'" in command
+    assert "-m pcbvlm data --format voc --src '/boards/voc'" in command
     assert "/ignored" not in command
     proc = subprocess.run(
         ["make", "-n", "data", "DEEPPCB_DIR=/data/DeepPCB"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -596,7 +596,7 @@ def test_bad_input_fails_strict_run_and_keeps_previous_outputs(bad_input, tmp_pa
     out = tmp_path / "converted"
     shutil.copytree(previous, out)
     before = _read_outputs(out)
-    proc = run_job("prepare_data.py", "--format", fmt, "--src", str(src), "--out", str(out), "--strict")
+    proc = run_job("data", "--format", fmt, "--src", str(src), "--out", str(out), "--strict")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -633,7 +633,7 @@ def test_missing_layout_is_an_error_in_any_mode(fmt, remove, expected, clean_sou
     shutil.copytree(clean_sources[fmt][0], src)
     target = src / remove
     shutil.rmtree(target) if target.is_dir() else target.unlink()
-    proc = run_job("prepare_data.py", "--format", fmt, "--src", str(src), "--out", str(tmp_path / "out"))
+    proc = run_job("data", "--format", fmt, "--src", str(src), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {src.resolve()}/{expected}"), proc.stderr

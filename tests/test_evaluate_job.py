@@ -78,7 +78,7 @@ PREDICTIONS = [
 
 def _cli(*args, capsys):
     """Run the job in-process like run_job does: (exit code, stdout, stderr)."""
-    from jobs.evaluate import main
+    from pcbvlm.commands.evaluate import main
 
     with pytest.raises(SystemExit) as exit_info:
         cli.run_job(main, [*args, "--config", str(ROOT / "config" / "config.yaml")])
@@ -90,7 +90,7 @@ def test_predictions_mode_writes_metrics_report_curve_and_overlays(dataset, tmp_
     preds = _write_jsonl(tmp_path / "predictions.jsonl", PREDICTIONS)
     out = tmp_path / "eval"
     proc = run_job(
-        "evaluate.py",
+        "eval",
         "--predictions",
         str(preds),
         "--data-dir",
@@ -184,7 +184,7 @@ def test_compare_writes_the_side_by_side_table(dataset, tmp_path, capsys):
         [
             sys.executable,
             "-m",
-            "jobs.evaluate",
+            "pcbvlm.commands.evaluate",
             "--compare",
             str(tmp_path / "merged"),
             str(tmp_path / "quantized"),

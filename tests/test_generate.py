@@ -104,7 +104,7 @@ def test_eval_and_infer_jobs_on_the_tiny_model(cfg, tiny_model_dir, tiny_data_di
         "--set=eval.batch_size=3",
     ]
     out = tmp_path / "eval"
-    proc = run_job("evaluate.py", "--config", str(TINY), *sets, "--model", "base", "--out", str(out))
+    proc = run_job("eval", "--config", str(TINY), *sets, "--model", "base", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.json", "report.md", "pr_curve.png", "predictions.jsonl", "config.resolved.yaml"):
         assert (out / name).is_file(), name
@@ -122,7 +122,7 @@ def test_eval_and_infer_jobs_on_the_tiny_model(cfg, tiny_model_dir, tiny_data_di
     image = load_samples(tiny_data_dir, "test")[0]["image"]
     overlay = tmp_path / "overlay.png"
     proc = run_job(
-        "infer.py", "--config", str(TINY), *sets, "--model", "base", "--image", image, "--out", str(overlay)
+        "infer", "--config", str(TINY), *sets, "--model", "base", "--image", image, "--out", str(overlay)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
@@ -132,13 +132,13 @@ def test_eval_and_infer_jobs_on_the_tiny_model(cfg, tiny_model_dir, tiny_data_di
     blocked = tmp_path / "a-file" / "overlay.png"
     blocked.parent.write_text("")
     proc = run_job(
-        "infer.py", "--config", str(TINY), *sets, "--model", "base", "--image", image, "--out", str(blocked)
+        "infer", "--config", str(TINY), *sets, "--model", "base", "--image", image, "--out", str(blocked)
     )
     assert proc.returncode == 1
     assert json.loads(proc.stdout[proc.stdout.index("{") :])["objects"] == result["objects"]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {blocked}: could not write the overlay (")
     assert "Traceback" not in proc.stderr
-    missing = run_job("infer.py", "--config", str(TINY), *sets, "--image", str(tmp_path / "nope.jpg"))
+    missing = run_job("infer", "--config", str(TINY), *sets, "--image", str(tmp_path / "nope.jpg"))
     assert (
         missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.jpg'}: no such image"
     )

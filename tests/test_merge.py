@@ -56,7 +56,7 @@ def make_adapter(cfg, adapter_dir: Path, seed: int = 0) -> Path:
 
 
 def merge_cli(*args: str, capsys) -> tuple[int, str, str]:
-    from jobs.merge import main
+    from pcbvlm.commands.merge import main
 
     with pytest.raises(SystemExit) as exit_info:
         cli.run_job(main, list(args))

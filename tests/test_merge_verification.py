@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pcbvlm.config import load_config
-from pcbvlm.merge import attended_logits, compare_logits, merge_dtype, model_inputs
+from pcbvlm.merge import merge_dtype
+from pcbvlm.model_folder import attended_logits, compare_logits, model_inputs
 
 
 def test_compare_logits_figures():

@@ -52,7 +52,7 @@ def overfit(tmp_path_factory, tiny_model_dir):
 def _evaluate(overrides: list[str], model: str, out: Path) -> dict:
     sets = [arg for value in overrides for arg in ("--set", value)]
     proc = run_job(
-        "evaluate.py",
+        "eval",
         "--config",
         str(MEMORISE),
         *sets,
@@ -99,7 +99,7 @@ def test_merge_publishes_a_full_run_that_scores_the_same(overfit, tmp_path):
     overrides, run_dir, _ = overfit
     sets = [arg for value in overrides for arg in ("--set", value)]
     merged = tmp_path / "merged"
-    proc = run_job("merge.py", "--config", str(MEMORISE), *sets, "--out", str(merged))
+    proc = run_job("merge", "--config", str(MEMORISE), *sets, "--out", str(merged))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((merged / "merge.json").read_text())
     assert report["method"] == "full" and report["verified"] and report["adapter"] == str(run_dir / "model")

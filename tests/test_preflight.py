@@ -6,7 +6,6 @@ disk) and assert the verdicts and messages; a few run the job itself.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -615,10 +614,9 @@ def test_merge_needs_ram_or_gpu(cfg):
 
 
 def _load_job():
-    spec = importlib.util.spec_from_file_location("preflight_job", ROOT / "jobs" / "preflight.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pcbvlm.commands import preflight
+
+    return preflight
 
 
 @pytest.fixture
@@ -644,7 +642,7 @@ def test_job_production_config_without_gpu_fails(clean_env, tmp_path, facts_file
     """The script end to end (a child process, like make): exit 1, the missing GPU named, JSON written."""
     out = tmp_path / "out"
     proc = run_job(
-        "preflight.py", "--job", "train", "--config", "config/config.yaml", "--facts", str(facts_file),
+        "preflight", "--job", "train", "--config", "config/config.yaml", "--facts", str(facts_file),
         "--set", f"paths.outputs_dir={out}",
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr

@@ -135,7 +135,7 @@ def test_a_training_run_records_its_id_and_adapter_hash(tiny_model_dir, tiny_dat
     runs = tmp_path / "runs"
     steps = {"max_steps": 1, "save_steps": 100, "eval_steps": 100}
     overrides = tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps)
-    proc = run_job("train.py", "--config", str(ROOT / "config" / "tiny.yaml"), *overrides)
+    proc = run_job("pcbvlm.commands.train", "--config", str(ROOT / "config" / "tiny.yaml"), *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs.iterdir()
     recorded = json.loads((run / "adapter" / ADAPTER_PROVENANCE).read_text())

@@ -19,7 +19,6 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen3VLForConditionalGeneration
 
-from conftest import ROOT
 from pcbvlm import cli
 from pcbvlm.collator import TrainCollator
 from pcbvlm.deeppcb import load_samples
@@ -45,7 +44,7 @@ MIN_TOP1 = 0.4
 
 
 def quantize_cli(*args: str, capsys) -> tuple[int, str, str]:
-    from jobs.quantize import main
+    from pcbvlm.commands.quantize import main
 
     with pytest.raises(SystemExit) as exit_info:
         cli.run_job(main, list(args))
@@ -71,7 +70,7 @@ def quantized(cfg, merged):
     with pytest.MonkeyPatch.context() as patch:
         for var in ("SET", "CONFIG"):
             patch.delenv(var, raising=False)
-        from jobs.quantize import main
+        from pcbvlm.commands.quantize import main
 
         with pytest.raises(SystemExit) as exit_info:
             cli.run_job(main, set_flags(cfg))
@@ -202,7 +201,9 @@ def test_killed_merge_leaves_nothing_that_passes_for_a_merged_model(cfg, merged,
     job = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "jobs" / "merge.py"),
+            "-m",
+            "pcbvlm",
+            "merge",
             *set_flags(cfg),
             "--set",
             f"paths.outputs_dir={outputs}",

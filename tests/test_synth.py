@@ -136,12 +136,12 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 
 def test_job_generates_and_converter_accepts_it_strictly(tmp_path):
     synth = tmp_path / "DeepPCB"
-    proc = run_job("synth_data.py", "--num", "9", "--out", str(synth), "--seed", "3")
+    proc = run_job("synth", "--num", "9", "--out", str(synth), "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {synth}/PCBData: 6 trainval + 3 test samples" in proc.stdout
 
     out = tmp_path / "converted"
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(synth), "--out", str(out), "--strict")
+    proc = run_job("data", "--deeppcb-dir", str(synth), "--out", str(out), "--strict")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "problem:" not in proc.stderr
     stats = json.loads((out / "stats.json").read_text())
@@ -152,7 +152,7 @@ def test_job_generates_and_converter_accepts_it_strictly(tmp_path):
     assert converted == sum(summary["boxes"].values())
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = run_job("prepare_data.py", "--deeppcb-dir", str(synth), "--out", str(out), "--strict")
+    proc = run_job("data", "--deeppcb-dir", str(synth), "--out", str(out), "--strict")
     assert proc.returncode == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -165,7 +165,7 @@ def test_job_generates_and_converter_accepts_it_strictly(tmp_path):
     ],
 )
 def test_job_bad_arguments_exit_2_in_one_line(args, message, tmp_path):
-    proc = run_job("synth_data.py", *args, "--out", str(tmp_path / "s"))
+    proc = run_job("synth", *args, "--out", str(tmp_path / "s"))
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()

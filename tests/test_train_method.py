@@ -8,7 +8,7 @@ import pytest
 
 from pcbvlm.config import load_config
 from pcbvlm.errors import ConfigError
-from pcbvlm.training import full_model_folder, is_complete_checkpoint, is_finished, write_checkpoint_marker
+from pcbvlm.runs import full_model_folder, is_complete_checkpoint, is_finished, write_checkpoint_marker
 
 
 @pytest.mark.parametrize(

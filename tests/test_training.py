@@ -21,7 +21,7 @@ from pcbvlm.config import load_config
 from pcbvlm.deeppcb import load_samples
 from pcbvlm.errors import EXIT_DISK_GUARD, UserError
 from pcbvlm.modeling import apply_lora, load_base_model
-from pcbvlm.training import (
+from pcbvlm.runs import (
     ADAPTER_DIR,
     COMPLETE_MARKER,
     LOCK_FILE,
@@ -142,7 +142,7 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
     steps_per_epoch = -(-len(load_samples(tiny_data_dir, "train")) // 2)  # micro-batch 2, grad_accum 1
     assert steps_per_epoch < 6 < 2 * steps_per_epoch  # checkpoint-6 lies inside the second epoch
     ref = run_job(
-        "train.py",
+        "pcbvlm.commands.train",
         "--config",
         str(TINY),
         *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "ref", **steps),
@@ -189,7 +189,10 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
     assert (checkpoint / "adapter_model.safetensors").stat().st_size < base_bytes / 5
 
     resumed = run_job(
-        "train.py", "--config", str(TINY), *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps)
+        "pcbvlm.commands.train",
+        "--config",
+        str(TINY),
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from checkpoint-{killed_at} (step {killed_at})" in resumed.stdout
@@ -219,7 +222,10 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir,
 
     # A third call finds the run finished and does not train again.
     again = run_job(
-        "train.py", "--config", str(TINY), *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps)
+        "pcbvlm.commands.train",
+        "--config",
+        str(TINY),
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps),
     )
     assert again.returncode == 0 and "already trained" in again.stdout
 
@@ -247,7 +253,10 @@ def test_disk_guard_saves_stops_with_exit_3_and_resumes(tiny_model_dir, tiny_dat
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "stopped by disk guard"
 
     resumed = run_job(
-        "train.py", "--config", str(TINY), *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps)
+        "pcbvlm.commands.train",
+        "--config",
+        str(TINY),
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, **steps),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "from checkpoint-1 (step 1)" in resumed.stdout
@@ -286,7 +295,7 @@ def test_resume_picks_the_newest_complete_checkpoint_of_the_newest_run(tmp_path,
     header.write_bytes(b"\xff" * header.stat().st_size)  # same size, unreadable header
     make_checkpoint(tmp_path / "20260103-000000-other" / "checkpoint-9", 9)  # another config's run
 
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         plan = plan_run(cfg, "abc", "auto")
     assert (plan.run_dir, plan.resume_from) == (run, run / "checkpoint-5")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -332,7 +341,7 @@ def test_checkpoint_marker_lists_every_file_with_its_size(tmp_path):
 _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from pcbvlm.training import RunLock
+from pcbvlm.runs import RunLock
 lock = RunLock(Path(sys.argv[1])).acquire()  # held while the object lives
 print("locked", flush=True)
 time.sleep(120)
@@ -351,7 +360,7 @@ def test_a_second_trainer_of_the_same_run_refuses_and_a_dead_holder_is_taken_ove
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = run_job(
-            "train.py",
+            "pcbvlm.commands.train",
             "--config",
             str(TINY),
             *tiny_overrides(tiny_model_dir, tiny_data_dir, runs),
@@ -370,7 +379,7 @@ def test_a_second_trainer_of_the_same_run_refuses_and_a_dead_holder_is_taken_ove
         holder.wait()
     # The kernel dropped the dead holder's lock; its PID is still in the file: taken over with a warning.
     assert run_lock_holder(run) is None
-    with caplog.at_level(logging.WARNING, logger="pcbvlm.training"):
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
         lock = RunLock(run).acquire()
     assert f"taking over the lock left by process {holder.pid} (no longer running)" in caplog.text
     assert run_lock_holder(run) == os.getpid()
@@ -441,7 +450,9 @@ def test_a_run_that_dies_on_a_bad_image_is_marked_failed_naming_it(tiny_model_di
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     runs = tmp_path / "runs"
     steps = dict(max_steps=6, save_steps=100, eval_steps=100)  # one epoch: every image is read
-    proc = run_job("train.py", "--config", str(TINY), *tiny_overrides(tiny_model_dir, data, runs, **steps))
+    proc = run_job(
+        "pcbvlm.commands.train", "--config", str(TINY), *tiny_overrides(tiny_model_dir, data, runs, **steps)
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}: cannot read the image (image file is truncated"), last

@@ -286,20 +286,20 @@ def _make_n(*args: str, env: dict | None = None) -> str:
 
 def test_make_ui_binds_localhost_unless_host_is_given():
     local = _make_n("ui", "RUNNER=local", "VENV=/venv", env={"HOST": "somewhere", "PORT": "1234"})
-    assert "/venv/bin/python jobs/ui.py --host 127.0.0.1 --port 7860" in local  # not from the shell
+    assert "/venv/bin/python -m pcbvlm ui --host 127.0.0.1 --port 7860" in local  # not from the shell
     given = _make_n("ui", "RUNNER=local", "VENV=/venv", "HOST=0.0.0.0", "PORT=9000", "MODEL=merged")
-    assert "jobs/ui.py --host 0.0.0.0 --port 9000 --model 'merged'" in given
+    assert "pcbvlm ui --host 0.0.0.0 --port 9000 --model 'merged'" in given
     docker = _make_n("ui", "RUNNER=docker", "MODEL=quantized")
-    line = next(x for x in docker.splitlines() if "jobs/ui.py" in x or "compose run" in x)
+    line = next(x for x in docker.splitlines() if "pcbvlm ui" in x or "compose run" in x)
     assert line.startswith("UI_HOST=127.0.0.1 UI_PORT=7860 docker compose run --rm --service-ports"), line
 
 
 def test_ui_job_refuses_a_bad_port_in_one_line():
     from conftest import run_job
 
-    out = run_job("ui.py", "--port", "70000")
+    out = run_job("ui", "--port", "70000")
     assert out.returncode == 2
-    assert out.stderr.strip() == "ui: error: --port 70000: must be between 1 and 65535"
+    assert out.stderr.strip() == "pcbvlm ui: error: --port 70000: must be between 1 and 65535"
 
 
 def test_ui_job_says_when_its_port_is_taken():
@@ -309,7 +309,7 @@ def test_ui_job_says_when_its_port_is_taken():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = run_job("ui.py", "--config", str(ROOT / "config" / "tiny.yaml"), "--port", str(port))
+        out = run_job("ui", "--config", str(ROOT / "config" / "tiny.yaml"), "--port", str(port))
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: cannot serve on 127.0.0.1:{port}: the port is in use or not allowed; give another PORT="

@@ -1,7 +1,7 @@
 """Several GPUs: training speed and memory of the Qwen3-VL-32B shape under the accelerate profiles.
 
-`python jobs/bench_multi_gpu.py --profiles ddp,zero2,zero3` launches, for each profile, the worker
-(`jobs/bench_multi_gpu.py --worker`) through `accelerate launch --config_file config/accelerate/<profile>.yaml`
+`pcbvlm bench-multi --profiles ddp,zero2,zero3` launches, for each profile, the worker
+(`python -m pcbvlm.commands.bench_multi_gpu --worker`) through `accelerate launch --config_file config/accelerate/<profile>.yaml`
 (`pcbvlm.launch`), the way `make train` launches the training job. Each process builds the random
 32B NF4 model once (`pcbvlm.bench.build_random_model`, the same weights on every rank: same seed) under
 the memory cap, and then:

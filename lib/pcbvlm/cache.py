@@ -9,7 +9,7 @@ What is deleted:
   configured base model), through huggingface_hub's own delete strategy, so blobs that another kept
   revision still links are kept;
 - checkpoints `<runs_dir>/<run>/checkpoint-N` beyond the newest `keep` complete ones of each run, and
-  broken ones (a save cut short, a file that does not load: see `training.checkpoint_problem`) where
+  broken ones (a save cut short, a file that does not load: see `runs.checkpoint_problem`) where
   the run has a complete checkpoint or a final adapter.
 
 What is never deleted unless named exactly with `delete=[path]`: a run's final adapter
@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pcbvlm.config import Config
 from pcbvlm.errors import UserError
-from pcbvlm.training import checkpoint_problem, run_lock_holder
+from pcbvlm.runs import checkpoint_problem, run_lock_holder
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 FINAL_NAMES = ("adapter", "final")

@@ -23,6 +23,14 @@ from pcbvlm.errors import ConfigError
 from pcbvlm.io import atomic_write_text
 
 DEFAULT_CONFIG = Path("config/config.yaml")
+# One name per folder: every shipped config reads these environment variables (`${DATA_DIR:-<its default>}`),
+# so `make <job> DATA_DIR=X` (or DATA_DIR in .env) is the data folder of every job under every config.
+PATH_VARIABLES = {
+    "DEEPPCB_DIR": "paths.deeppcb_dir",
+    "DATA_DIR": "paths.data_dir",
+    "RUNS_DIR": "paths.runs_dir",
+    "OUTPUTS_DIR": "paths.outputs_dir",
+}
 
 
 class Section(BaseModel):
@@ -137,7 +145,7 @@ class TrainConfig(Section):
 
 
 class QuantizeConfig(Section):
-    scheme: Literal["W4A16"] = "W4A16"
+    # The scheme is always AWQ W4A16 (pcbvlm.quantize.SCHEME): int4 weights in groups of group_size.
     group_size: int = Field(128, gt=0)
     num_calibration_samples: int = Field(256, gt=0)
     max_seq_length: int = Field(2048, gt=0)

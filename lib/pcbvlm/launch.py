@@ -26,7 +26,8 @@ from pcbvlm.errors import EXIT_FAILED, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES_DIR = ROOT / "config" / "accelerate"
-TRAIN_SCRIPT = ROOT / "jobs" / "train.py"
+# The training process that `accelerate launch` starts (as `python -m`), once per GPU.
+TRAIN_MODULE = "pcbvlm.commands.train"
 # NVLink multicast can take a shared host's GPUs out of service: off in every process we start.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -76,18 +77,20 @@ def resolve_profile(cfg: Config, profile: str | None = None) -> str:
 
 def accelerate_args(
     profile: str,
-    script: Path | str,
+    module: str,
     script_args: Sequence[str] = (),
     num_processes: int | None = None,
     main_process_port: int | None = None,
 ) -> list[str]:
-    """The arguments of `accelerate launch` for `script` under `profile`."""
+    """The arguments of `accelerate launch` for the Python module `module` (run as `python -m`) under
+    `profile`. A module, not a script path: a script's folder would come first on sys.path, and the command
+    modules' names (evaluate, bench, ...) would hide packages of the same name."""
     args = ["--config_file", str(profile_file(profile))]
     if num_processes is not None:
         args += ["--num_processes", str(num_processes)]
     if main_process_port is not None:
         args += ["--main_process_port", str(main_process_port)]
-    return [*args, str(script), *script_args]
+    return [*args, "--module", module, *script_args]
 
 
 def run_accelerate(args: Sequence[str]) -> int:
@@ -142,6 +145,9 @@ def launch_train(
         raise ConfigError(f"train.accelerate_profile={chosen}: {ZERO3_QLORA_REFUSAL}; use zero2 or ddp")
     processes = num_processes or int(settings.get("num_processes", 1))
     zero = f", DeepSpeed ZeRO-{settings['zero_stage']}" if "zero_stage" in settings else ""
+    from pcbvlm.cli import data_folder_line
+
+    print(data_folder_line(cfg, "trains on"), flush=True)
     print(
         f"==> accelerate profile {chosen} ({profile_file(chosen).relative_to(ROOT)}): "
         f"{processes} process{'es' if processes != 1 else ''}{zero}",
@@ -154,7 +160,7 @@ def launch_train(
         script_args += ["--set", override]
     if resume:
         script_args += ["--resume", resume]
-    return run_accelerate(accelerate_args(chosen, TRAIN_SCRIPT, script_args, num_processes))
+    return run_accelerate(accelerate_args(chosen, TRAIN_MODULE, script_args, num_processes))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

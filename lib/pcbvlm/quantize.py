@@ -30,9 +30,10 @@ import torch
 from pcbvlm.config import Config
 from pcbvlm.errors import DataError, UserError
 from pcbvlm.io import PARTIAL_MARK, atomic_directory, atomic_write_json, is_partial
-from pcbvlm.merge import (
+from pcbvlm.model_folder import (
     MAX_SHARD_SIZE,
     MERGED_DIR,
+    QUANTIZED_DIR,
     attended_logits,
     compare_logits,
     folder_size,
@@ -47,7 +48,8 @@ from pcbvlm.merge import (
 )
 from pcbvlm.provenance import quantized_provenance
 
-QUANTIZED_DIR = "quantized"
+# The only scheme: 4-bit int weights in groups (quantize.group_size), activations in the model dtype.
+SCHEME = "W4A16"
 QUANTIZE_REPORT = "quantize.json"
 RECIPE_FILE = "recipe.yaml"
 # Enough new tokens for ~8 boxes (Qwen writes coordinates digit by digit: ~30 tokens a box). A longer
@@ -106,7 +108,7 @@ def resolve_input_model(cfg: Config, model: str | Path | None = None) -> Path:
 
 def quantize_device(cfg: Config) -> str:
     """cuda or cpu. llm-compressor calibrates on the first visible accelerator whatever it is asked, so
-    quantize.device=cpu needs the GPUs hidden (jobs/quantize.py sets CUDA_VISIBLE_DEVICES= for it)."""
+    quantize.device=cpu needs the GPUs hidden (`pcbvlm quantize` sets CUDA_VISIBLE_DEVICES= for it)."""
     device = cfg.quantize.device
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -507,7 +509,7 @@ def quantize_model(
             source=source,
             device=device,
             scheme={
-                "scheme": cfg.quantize.scheme,
+                "scheme": SCHEME,
                 "method": "AWQ + round-to-nearest int4 (llm-compressor)",
                 "num_bits": weights.num_bits,
                 "symmetric": weights.symmetric,

@@ -1,6 +1,6 @@
 """Facts about the machine, measured once; the checks are pure functions of them.
 
-`Facts` is a pydantic model, so a test (or `jobs/preflight.py --facts FILE.json`) can state facts
+`Facts` is a pydantic model, so a test (or `pcbvlm preflight --facts FILE.json`) can state facts
 instead of measuring them: a fake A800, an old driver, a nearly full disk. `measure_facts` never
 raises: what cannot be measured is left at its empty value and explained in `notes`.
 """
