@@ -26,7 +26,6 @@ from pcbvlm.runs import (
     COMPLETE_MARKER,
     LOCK_FILE,
     RunLock,
-    allow_indexed_cpu_map_location,
     checkpoint_problem,
     checkpoint_step,
     list_checkpoint_folders,
@@ -34,6 +33,7 @@ from pcbvlm.runs import (
     plan_run,
     run_lock_holder,
 )
+from pcbvlm.training import allow_indexed_cpu_map_location
 
 TINY = ROOT / "config" / "tiny.yaml"
 
