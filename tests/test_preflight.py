@@ -291,6 +291,20 @@ def test_32b_parameter_count_by_arithmetic_and_meta_device():
     assert count_parameters_meta(config) == counts  # every part, not only the total
 
 
+def test_qwen2_5_vl_32b_parameter_count_by_arithmetic_and_meta_device():
+    """Qwen2.5-VL's blocks differ (gated vision MLP, RMSNorms, no position table, q/k/v biases, no q/k
+    norms): the arithmetic counts them exactly, part by part."""
+    from pcbvlm.families import get_family
+
+    config = get_family("qwen2_5_vl").config_32b()
+    counts = count_parameters(config)
+    assert count_parameters_meta(config) == counts
+    assert round(counts.total / 1e9, 2) == 33.45
+    shape = ModelShape.from_config(config)
+    assert (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim) == (64, 40, 8, 128)
+    assert (shape.vision.depth, shape.vision.hidden_size) == (32, 1280)
+
+
 def test_arithmetic_matches_meta_on_another_shape():
     """Tied embeddings, attention bias and no deepstack: the arithmetic follows the config, not the 32B."""
     config = qwen3_vl_32b_config(
@@ -576,6 +590,19 @@ def test_model_shape_falls_back_to_builtin_32b(cfg):
     )
     assert report.shape_source.startswith("built-in Qwen3-VL-32B shape")
     assert report.info["params"]["total"] == QWEN3_VL_32B_PARAMS
+
+
+def test_a_qwen2_5_vl_32b_hub_id_gets_its_own_builtin_shape(cfg):
+    from pcbvlm.families import get_family
+
+    cfg.model.name_or_path = "Qwen/Qwen2.5-VL-32B-Instruct"
+    report = run_checks(
+        cfg, "train", healthy(model=ModelFact(name_or_path=cfg.model.name_or_path, kind="hub"))
+    )
+    assert report.shape_source.startswith("built-in Qwen2.5-VL-32B shape")
+    assert (
+        report.info["params"]["total"] == count_parameters(get_family("qwen2_5_vl").config_dict_32b()).total
+    )
 
 
 def test_missing_data_fails_with_make_data(cfg):

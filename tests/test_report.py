@@ -109,6 +109,26 @@ def test_pr_curve_png(tmp_path):
         assert img.format == "PNG"
 
 
+def _pixels_near(img: Image.Image, box: tuple[int, int, int, int], color: tuple[int, int, int]) -> int:
+    """Pixels of `img` inside `box` within a few levels of `color` (antialiased lines blend at their edges)."""
+    region = img.convert("RGB").crop(box)
+    return sum(1 for px in region.getdata() if all(abs(a - b) <= 8 for a, b in zip(px, color, strict=True)))
+
+
+def test_pr_curve_picture_draws_the_deeppcb_curve_left_and_a_curve_per_class_right(tmp_path):
+    red, blue = (214, 39, 40), (31, 119, 180)  # matplotlib's tab:red (DeepPCB), tab:blue (first class)
+    with Image.open(plot_pr_curves(tmp_path / "pr.png", evaluate_detections(_images()))) as img:
+        width, height = img.size
+        left, right = (0, 0, width // 2, height), (width // 2, 0, width, height)
+        assert _pixels_near(img, left, red) > 50  # the pooled curve, in its own panel
+        assert _pixels_near(img, right, red) < 10
+        assert _pixels_near(img, right, blue) > 50  # one line per class with ground truth
+    empty = evaluate_detections([EvalImage("e", 10, 10, [], [])])
+    with Image.open(plot_pr_curves(tmp_path / "empty.png", empty)) as img:
+        assert _pixels_near(img, (0, 0, img.width, img.height), red) == 0  # "no detections": no curve
+        assert _pixels_near(img, (0, 0, img.width, img.height), blue) == 0
+
+
 def _metrics(images, failure_rate=0.0, images_per_s=None):
     metrics = dict(evaluate_detections(images).metrics)
     metrics.update(

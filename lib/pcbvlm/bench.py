@@ -1,7 +1,8 @@
-"""GPU benchmark of the real Qwen3-VL-32B shape with random weights: training and generation speed, memory.
+"""GPU benchmark of a model family's real 32B shape with random weights: training and generation speed, memory.
 
-Speed and memory do not depend on weight values, so the model is built from its config
-(`pcbvlm.shapes.qwen3_vl_32b_config`) on the GPU in bf16, and the language model's decoder linears are
+Speed and memory do not depend on weight values, so the model is built from its config (the family's
+`config_32b`, pcbvlm.families; Qwen3-VL-32B by default, `--family qwen2_5_vl` for Qwen2.5-VL-32B) on the
+GPU in bf16, and the language model's decoder linears are
 quantized to NF4 + double quantization exactly as `from_pretrained(quantization_config=bnb_config())`
 would (vision tower and lm_head stay bf16). Everything after that is the project's own code: LoRA from
 `pcbvlm.modeling.apply_lora` (with its selective checkpointing and bf16 adapter inputs), Liger's
@@ -123,13 +124,13 @@ def build_random_model(
     device: str | torch.device = "cuda",
     quant_storage: torch.dtype = torch.uint8,
 ):
-    from transformers import Qwen3VLForConditionalGeneration
+    from pcbvlm.families import get_family
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen3VLForConditionalGeneration(config)
+            model = get_family(config.model_type).model_class()(config)
     finally:
         torch.set_default_dtype(previous)
     model.config.use_cache = False
@@ -138,21 +139,24 @@ def build_random_model(
     return model
 
 
-def benchmark_processor(max_pixels: int = 409600):
-    """The tiny model's tokenizer with Qwen3-VL's image processing (16 px patches, 2x2 merge)."""
+def benchmark_processor(max_pixels: int = 409600, family: str = "qwen3_vl"):
+    """The tiny model's tokenizer with the family's image processing (Qwen3-VL: 16 px patches, 2x2 merge)."""
+    from pcbvlm.families import get_family
     from pcbvlm.tiny import build_processor, build_tokenizer
 
-    processor = build_processor(build_tokenizer())
+    processor = build_processor(build_tokenizer(), get_family(family))
     processor.image_processor.max_pixels = max_pixels
     processor.image_processor.min_pixels = max_pixels // 4
     processor.image_processor.size = {"shortest_edge": max_pixels // 4, "longest_edge": max_pixels}
     return processor
 
 
-def benchmark_sample(workdir: Path, cfg, boxes: int = 7) -> dict[str, Any]:
-    """A DeepPCB-like training sample: a synthetic 640x640 board and an answer with `boxes` boxes."""
+def benchmark_sample(workdir: Path, cfg, boxes: int = 7, family: str = "qwen3_vl") -> dict[str, Any]:
+    """A DeepPCB-like training sample: a synthetic 640x640 board and an answer with `boxes` boxes, in the
+    family's coordinates."""
     import numpy as np
 
+    from pcbvlm.families import get_family
     from pcbvlm.labels import LABELS
     from pcbvlm.samples import build_messages
     from pcbvlm.synth import generate_sample
@@ -167,7 +171,7 @@ def benchmark_sample(workdir: Path, cfg, boxes: int = 7) -> dict[str, Any]:
         w, h = (int(v) for v in rng.integers(18, 80, size=2))
         objects.append({"label": LABELS[i % len(LABELS)], "bbox": [x, y, x + w, y + h]})
     sample = {"id": "bench", "image": str(image), "width": 640, "height": 640, "objects": objects}
-    sample["messages"] = build_messages(sample, cfg.data, with_answer=True)
+    sample["messages"] = build_messages(sample, cfg.data, with_answer=True, family=get_family(family))
     return sample
 
 
@@ -200,15 +204,15 @@ class FusedKernels:
     generation) measures the plain model: the module-level functions are restored and the per-instance
     `forward` bindings removed."""
 
-    names = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision", "Qwen3VLTextRMSNorm")
-
     def __init__(self, model, fused_cross_entropy: bool = True) -> None:
-        from transformers.models.qwen3_vl import modeling_qwen3_vl
+        import importlib
 
         self.model = model
         self.fused_cross_entropy = fused_cross_entropy
-        self.module = modeling_qwen3_vl
-        self.saved = {name: getattr(modeling_qwen3_vl, name) for name in self.names}
+        # Liger patches names of the model's modeling module (rotary functions, RMSNorm classes): all of
+        # its names are kept and put back, whichever the family's patch replaces.
+        self.module = importlib.import_module(type(model).__module__)
+        self.saved = dict(vars(self.module))
 
     def __enter__(self):
         from pcbvlm.modeling import apply_fused_kernels
@@ -581,13 +585,14 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
     result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)
 
 
-def benchmark_model_config(tok, layers: int | None = None, **overrides):
-    """The 32B config (or a cut of `layers` decoder layers), with the benchmark tokenizer's special ids."""
-    from pcbvlm.shapes import qwen3_vl_32b_config
+def benchmark_model_config(tok, layers: int | None = None, family: str = "qwen3_vl", **overrides):
+    """The family's 32B config (or a cut of `layers` decoder layers), with the benchmark tokenizer's
+    special ids."""
+    from pcbvlm.families import get_family
 
     if layers is not None:
         overrides["num_hidden_layers"] = layers
-    config = qwen3_vl_32b_config(**overrides)
+    config = get_family(family).config_32b(**overrides)
     # The tiny tokenizer's ids for the special tokens the model looks for.
     config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
     config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
@@ -608,7 +613,9 @@ def run_benchmark(
     plan: str = "full",
     profile: bool = False,
     static_cache_batches: tuple[int, ...] = (),
+    family: str = "qwen3_vl",
 ) -> dict[str, Any]:
+    from pcbvlm.collator import TrainCollator
     from pcbvlm.config import load_config
     from pcbvlm.shapes import ModelShape, count_parameters
 
@@ -617,8 +624,8 @@ def run_benchmark(
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "config" / "config.yaml")
-    processor = benchmark_processor(cfg.data.max_pixels)
-    config = benchmark_model_config(processor.tokenizer, layers)
+    processor = benchmark_processor(cfg.data.max_pixels, family)
+    config = benchmark_model_config(processor.tokenizer, layers, family)
     shape = ModelShape.from_config(config)
     counts = count_parameters(shape)
 
@@ -631,8 +638,11 @@ def run_benchmark(
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / props.total_memory))
 
     work = out_path.parent
-    sample = benchmark_sample(work, cfg)
+    sample = benchmark_sample(work, cfg, family=family)
+    # Vision patches of the sample's board (Qwen3-VL: 640x640 / 16^2 = 1600).
+    patches = int(TrainCollator(processor).encode(sample)["image_grid_thw"].prod())
     results: dict[str, Any] = {
+        "family": family,
         "gpu": props.name,
         "gpu_total_gib": gib(props.total_memory),
         "cap_gib": cap_gib,
@@ -662,7 +672,6 @@ def run_benchmark(
                 profile=profile and setting.profile,
             )
             if result.get("status") == "ok":
-                patches = 1600  # 640x640 / 16^2
                 text_tokens = result["tokens_per_sample"]
                 flops = model_flops_per_sample(counts, shape, text_tokens, patches, result["lora_parameters"])
                 result["model_tflops_per_sample"] = round(flops / 1e12, 2)
@@ -808,12 +817,12 @@ def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
     return {"answer_tokens": len(answer_ids), "forward_passes": passes, "draft_tokens": num_tokens}
 
 
-def smoke_config(layers: int = 2):
-    """A narrow Qwen3-VL (hidden 256, a one-block vision tower) with the 32B's vocabulary, to run the
-    whole benchmark command on a CPU before spending GPU time on it."""
-    from pcbvlm.shapes import qwen3_vl_32b_config
+def smoke_config(layers: int = 2, family: str = "qwen3_vl"):
+    """A narrow model of the family (hidden 256, a one-block vision tower) with the 32B's vocabulary, to
+    run the whole benchmark command on a CPU before spending GPU time on it."""
+    from pcbvlm.families import get_family
 
-    config = qwen3_vl_32b_config(
+    config = get_family(family).config_32b(
         num_hidden_layers=layers,
         hidden_size=256,
         intermediate_size=512,
@@ -822,7 +831,10 @@ def smoke_config(layers: int = 2):
     )
     vision = config.vision_config
     vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 1, 64, 128, 2
-    vision.deepstack_visual_indexes = [0]
+    # The one block is Qwen3-VL's deepstack feature source, or Qwen2.5-VL's full-attention block.
+    for indexes in ("deepstack_visual_indexes", "fullatt_block_indexes"):
+        if hasattr(vision, indexes):
+            setattr(vision, indexes, [0])
     vision.out_hidden_size = 256
     return config
 
@@ -848,6 +860,7 @@ def run_int4_benchmark(
     layers: int | None = None,
     deadline_s: float | None = None,
     smoke: bool = False,
+    family: str = "qwen3_vl",
 ) -> dict[str, Any]:
     """Generation with the quantized model's int4 paths on the 32B shape (random weights), each batch size
     with the layout `bench_kernel` gives it (tinygemm up to 4 images, dequant above),
@@ -855,8 +868,9 @@ def run_int4_benchmark(
     `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. Every setting is
     written to `out_path` as soon as it is measured."""
     from pcbvlm.config import load_config
+    from pcbvlm.families import get_family
     from pcbvlm.int4 import int4_storage
-    from pcbvlm.shapes import ModelShape, count_parameters, qwen3_vl_32b_config
+    from pcbvlm.shapes import ModelShape, count_parameters
 
     started = time.perf_counter()
 
@@ -868,12 +882,12 @@ def run_int4_benchmark(
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "config" / "config.yaml")
-    processor = benchmark_processor(cfg.data.max_pixels if not smoke else 65536)
+    processor = benchmark_processor(cfg.data.max_pixels if not smoke else 65536, family)
     tok = processor.tokenizer
     if smoke:
-        config = smoke_config(layers or 2)
+        config = smoke_config(layers or 2, family)
     else:
-        config = qwen3_vl_32b_config(**({} if layers is None else {"num_hidden_layers": layers}))
+        config = get_family(family).config_32b(**({} if layers is None else {"num_hidden_layers": layers}))
     config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
     config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
     config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
@@ -881,8 +895,9 @@ def run_int4_benchmark(
     counts = count_parameters(ModelShape.from_config(config))
     cuda = torch.cuda.is_available()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    sample = benchmark_sample(out_path.parent, cfg)
+    sample = benchmark_sample(out_path.parent, cfg, family=family)
     results: dict[str, Any] = {
+        "family": family,
         "gpu": torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)",
         "cap_gib": cap_gib,
         "torch": torch.__version__,
@@ -904,9 +919,7 @@ def run_int4_benchmark(
         torch.set_default_dtype(torch.bfloat16)
         try:
             with torch.device("cuda" if cuda else "cpu"):
-                from transformers import Qwen3VLForConditionalGeneration
-
-                model = Qwen3VLForConditionalGeneration(config)
+                model = get_family(family).model_class()(config)
         finally:
             torch.set_default_dtype(previous)
         if quantize == "nf4":

@@ -19,7 +19,7 @@ from PIL import Image
 from pcbvlm.errors import DataError
 
 IGNORE_INDEX = -100
-END_OF_TURN = "<|im_end|>"
+END_OF_TURN = "<|im_end|>"  # the Qwen chat template's (pcbvlm.families.base.QWEN_END_OF_TURN)
 
 
 def split_messages(messages: list[dict]) -> tuple[list[dict], str]:
@@ -59,6 +59,7 @@ def sample_messages(sample: dict[str, Any]) -> list[dict]:
 @dataclass
 class TrainCollator:
     processor: Any
+    end_of_answer: str = END_OF_TURN  # the model family's end-of-answer token (ModelFamily.end_of_answer)
 
     def __post_init__(self) -> None:
         self.tokenizer = self.processor.tokenizer
@@ -76,7 +77,7 @@ class TrainCollator:
         enc = self.processor(text=[prompt_text], images=images or None, return_tensors="pt")
         prompt_ids = enc["input_ids"][0]
         answer_ids = torch.tensor(
-            self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"],
+            self.tokenizer(answer + self.end_of_answer, add_special_tokens=False)["input_ids"],
             dtype=prompt_ids.dtype,
         )
         input_ids = torch.cat([prompt_ids, answer_ids])

@@ -7,7 +7,8 @@ base model itself (hub id or folder).
 
 Each box gets a confidence: the mean probability of the tokens the model generated for that object's
 `{...}` (greedy decoding, probabilities from the softmax of the logits), so that precision-recall
-curves and AP rank detections by how sure the model was.
+curves and AP rank detections by how sure the model was. Boxes are read in the answer frame of the
+loaded model's family (pcbvlm.families), from its config.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pcbvlm.answer import RELATIVE_FRAME, Frame
 from pcbvlm.collator import image_paths, load_image
 from pcbvlm.config import Config
 from pcbvlm.errors import UserError
+from pcbvlm.families import ModelFamily, family_of_model, get_family
 from pcbvlm.io import is_partial
 from pcbvlm.parsing import mean_token_scores, parse_answer
 from pcbvlm.samples import build_messages
@@ -42,6 +45,14 @@ class LoadedModel:
     path: str
     kv_cache: str = "dynamic"  # eval.kv_cache: dynamic, or static (compiled decoding on a GPU)
     prompt_lookup_tokens: int = 0  # eval.prompt_lookup_tokens: draft tokens per step at batch 1 (0 = off)
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of_model(self.model)
+
+    def answer_frame(self, cfg: Config, width: int, height: int) -> Frame:
+        """The coordinate frame this model answers in for a width x height image (its family's)."""
+        return self.family.answer_frame(width, height, cfg.data.min_pixels, cfg.data.max_pixels)
 
 
 IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -90,8 +101,6 @@ def _has_processor(folder: Path) -> bool:
 
 def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> LoadedModel:
     """Load a model reference (see the module docstring) with its processor, ready for `generate`."""
-    from transformers import Qwen3VLForConditionalGeneration
-
     from pcbvlm.modeling import ensure_model_available, load_base_model, resolve_device, resolve_dtype
     from pcbvlm.processing import load_processor
 
@@ -126,11 +135,15 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
                     ref, dtype, cfg.eval.int4_kernel, cfg.model.attn_implementation, device
                 )
             else:
-                model = Qwen3VLForConditionalGeneration.from_pretrained(
-                    ref,
-                    dtype=dtype,
-                    attn_implementation=cfg.model.attn_implementation,
-                    device_map={"": 0} if device == "cuda" else None,
+                model = (
+                    get_family(config.get("model_type"), str(ref / "config.json"))
+                    .model_class()
+                    .from_pretrained(
+                        ref,
+                        dtype=dtype,
+                        attn_implementation=cfg.model.attn_implementation,
+                        device_map={"": 0} if device == "cuda" else None,
+                    )
                 )
             processor_source = str(ref) if _has_processor(ref) else base
         else:
@@ -269,7 +282,7 @@ def generate_batch(
         new_tokens = output[:, prompt_length:]
         token_probs = recorder.probabilities().cpu()
     tokenizer = processor.tokenizer
-    stop_ids = {tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    stop_ids = {tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(loaded.family.end_of_answer)}
     results = []
     for row in range(new_tokens.shape[0]):
         ids = new_tokens[row].tolist()
@@ -282,11 +295,19 @@ def generate_batch(
 
 
 def to_prediction(
-    text: str, offsets, probs, sample_id: str, width: int, height: int, classes: Sequence[str] | None = None
+    text: str,
+    offsets,
+    probs,
+    sample_id: str,
+    width: int,
+    height: int,
+    classes: Sequence[str] | None = None,
+    frame: Frame = RELATIVE_FRAME,
 ) -> dict[str, Any]:
     """One predictions.jsonl line: parsed pixel boxes, each scored by its tokens' mean probability.
-    `classes`: the dataset's class names (DeepPCB's when None)."""
-    parsed = parse_answer(text, width, height, classes)
+    `classes`: the dataset's class names (DeepPCB's when None); `frame`: the model's answer frame for
+    this image (`LoadedModel.answer_frame`)."""
+    parsed = parse_answer(text, width, height, classes, frame)
     parsed = parsed.with_scores(mean_token_scores(parsed.spans, offsets, probs))
     return parsed.to_prediction(sample_id, text)
 
@@ -311,15 +332,17 @@ def generate_predictions(
             outputs = generate_batch(loaded, messages, max_new_tokens)
             seconds += time.perf_counter() - begin
             for sample, (text, offsets, probs) in zip(chunk, outputs, strict=True):
+                width, height = int(sample["width"]), int(sample["height"])
                 predictions.append(
                     to_prediction(
                         text,
                         offsets,
                         probs,
                         str(sample["id"]),
-                        int(sample["width"]),
-                        int(sample["height"]),
+                        width,
+                        height,
                         sample.get("classes"),
+                        loaded.answer_frame(cfg, width, height),
                     )
                 )
             bar.update(len(chunk))

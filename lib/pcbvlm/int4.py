@@ -320,17 +320,23 @@ def int4_storage(model: nn.Module) -> dict[str, int]:
 
 def load_int4_model(path, dtype: torch.dtype, kernel: Kernel, attn_implementation: str, device: str):
     """A compressed-tensors W4A16 folder loaded with its linears in 4 bits (see the module docstring)."""
-    from transformers import CompressedTensorsConfig, Qwen3VLForConditionalGeneration
+    from transformers import CompressedTensorsConfig
+
+    from pcbvlm.families import family_for
 
     with warnings.catch_warnings():
         # "the model you're loading already has a quantization_config": only `dequantize` is overridden.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            device_map={"": 0} if device == "cuda" else None,
-            quantization_config=CompressedTensorsConfig(dequantize=False),
+        model = (
+            family_for(path)
+            .model_class()
+            .from_pretrained(
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                device_map={"": 0} if device == "cuda" else None,
+                quantization_config=CompressedTensorsConfig(dequantize=False),
+            )
         )
     repack_compressed_linears(model, kernel, dtype)
     if device == "cuda":

@@ -291,9 +291,8 @@ def publish_full_model(cfg: Config, folder: Path, target: Path) -> MergeResult:
     """A full-parameter run's model/ folder -> `target`: re-saved in the merge dtype (sharded like a
     merge) with its processor files, then loaded back and its logits compared with the run's model on
     the verification samples (same tolerance as a merge); nothing is published when they differ."""
-    from transformers import Qwen3VLForConditionalGeneration
-
     from pcbvlm.collator import TrainCollator
+    from pcbvlm.families import family_for
     from pcbvlm.processing import load_processor
 
     started = time.perf_counter()
@@ -306,8 +305,10 @@ def publish_full_model(cfg: Config, folder: Path, target: Path) -> MergeResult:
     batch = TrainCollator(processor)(samples) if samples else None
 
     def load(path: Path, as_dtype: torch.dtype | str):
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            str(path), dtype=as_dtype, attn_implementation=cfg.model.attn_implementation
+        model = (
+            family_for(path)
+            .model_class()
+            .from_pretrained(str(path), dtype=as_dtype, attn_implementation=cfg.model.attn_implementation)
         )
         return model.to(device).eval()
 

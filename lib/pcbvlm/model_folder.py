@@ -26,7 +26,7 @@ MERGED_DIR = "merged"
 QUANTIZED_DIR = "quantized"
 # 5 GB shards: a 32B bf16 model is 14 files, each small enough to be written and loaded one at a time.
 MAX_SHARD_SIZE = "5GB"
-# Processor files of the base that are copied as they are, when present: the stock Qwen3VLProcessor that
+# Processor files of the base that are copied as they are, when present: the stock Qwen-VL processor that
 # vLLM builds (with torchvision) looks for its video processor settings here; this project never saves one.
 EXTRA_PROCESSOR_FILES = ("video_preprocessor_config.json",)
 

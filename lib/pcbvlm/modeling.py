@@ -1,15 +1,15 @@
-"""Loading Qwen3-VL for training (QLoRA or LoRA) and for inference, the same way in every job.
+"""Loading the model for training (QLoRA or LoRA) and for inference, the same way in every job.
 
 QLoRA here means: the language model's decoder linears in NF4 with double quantization (bitsandbytes),
 the vision tower (`model.visual`) and `lm_head` left unquantized in the compute dtype, LoRA adapters
-(peft) on the decoder linears, everything else frozen.
+(peft) on the decoder linears, everything else frozen. Classes and module names are the model family's
+(pcbvlm.families), found from `model.name_or_path`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,9 @@ import torch
 
 from pcbvlm.config import Config
 from pcbvlm.errors import UserError
+from pcbvlm.families import ModelFamily, family_for, family_of_model
 
 log = logging.getLogger(__name__)
-
-# Module-name prefixes that must never be 4-bit quantized. Under transformers 5 the vision tower is
-# `model.visual` (a bare "visual" does not match); lm_head stays in the compute dtype for the loss.
-SKIP_QUANTIZATION = ["model.visual", "lm_head"]
 
 
 def resolve_device(cfg: Config) -> str:
@@ -45,14 +42,21 @@ def resolve_dtype(cfg: Config, device: str | None = None) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
+def model_family(cfg: Config) -> ModelFamily:
+    """The family of the configured base model (pcbvlm.families.family_for)."""
+    return family_for(cfg.model.name_or_path, cfg.model.revision)
+
+
 def ensure_model_available(cfg: Config) -> str:
-    """The base model's hub id or folder; builds the tiny model first where the config asks for it."""
+    """The base model's hub id or folder; builds the tiny model first where the config asks for it
+    (of the family its name says: `models/tiny-qwen2.5-vl` is a tiny Qwen2.5-VL)."""
     name = cfg.model.name_or_path
     if cfg.model.build_tiny_if_missing and not (Path(name) / "config.json").is_file():
         from pcbvlm.tiny import ensure_tiny_model
 
-        log.info("building the tiny embedded model at %s", name)
-        ensure_tiny_model(name)
+        family = model_family(cfg)
+        log.info("building the tiny embedded %s model at %s", family.model_type, name)
+        ensure_tiny_model(name, family=family.model_type)
     elif not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -64,7 +68,11 @@ def ensure_model_available(cfg: Config) -> str:
     return name
 
 
-def bnb_config(compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+def bnb_config(
+    compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None, *, skip: tuple[str, ...]
+):
+    """NF4 with double quantization; `skip`: module-name prefixes kept out of 4-bit (the family's
+    `skip_quantization`: the vision tower and lm_head)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -74,7 +82,7 @@ def bnb_config(compute_dtype: torch.dtype, quant_storage: torch.dtype | None = N
         bnb_4bit_compute_dtype=compute_dtype,
         # ZeRO-3 shards parameters by dtype: the 4-bit storage must match the compute dtype there.
         bnb_4bit_quant_storage=quant_storage or torch.uint8,
-        llm_int8_skip_modules=SKIP_QUANTIZATION,
+        llm_int8_skip_modules=list(skip),
     )
 
 
@@ -86,10 +94,9 @@ def load_base_model(
     device_map: Any = "auto-single",
     zero3: bool = False,
 ):
-    """The base Qwen3-VL model, NF4-quantized (QLoRA) or not, on one device."""
-    from transformers import Qwen3VLForConditionalGeneration
-
+    """The base model, NF4-quantized (QLoRA) or not, on one device."""
     name = ensure_model_available(cfg)
+    family = model_family(cfg)
     device = device or resolve_device(cfg)
     dtype = dtype or resolve_dtype(cfg, device)
     quantization = quantization or cfg.train.quantization
@@ -104,7 +111,9 @@ def load_base_model(
                 "train.quantization: nf4 (QLoRA) needs a CUDA GPU for bitsandbytes; on a CPU set "
                 "train.quantization=none (the tiny config does)"
             )
-        kwargs["quantization_config"] = bnb_config(dtype, quant_storage=dtype if zero3 else None)
+        kwargs["quantization_config"] = bnb_config(
+            dtype, quant_storage=dtype if zero3 else None, skip=family.skip_quantization
+        )
     if device_map == "auto-single":
         # One process drives one GPU (accelerate sets LOCAL_RANK); ZeRO-3 places weights itself.
         device_map = (
@@ -112,24 +121,21 @@ def load_base_model(
         )
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = Qwen3VLForConditionalGeneration.from_pretrained(name, **kwargs)
+    model = family.model_class().from_pretrained(name, **kwargs)
     model.config.use_cache = False
     return model
 
 
-def lora_target_regex(cfg: Config) -> str:
+def lora_target_regex(cfg: Config, family: ModelFamily | None = None) -> str:
     """A peft `target_modules` regex: the chosen linears of the language model's decoder blocks only,
-    plus the vision merger's two linears when `lora.train_merger` is set."""
-    names = "|".join(re.escape(n) for n in cfg.lora.target_modules)
-    pattern = rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
-    if cfg.lora.train_merger:
-        pattern = rf"(?:{pattern})|(?:model\.visual\.merger\.linear_fc[12])"
-    return pattern
+    plus the vision merger's linears when `lora.train_merger` is set (the family's module names)."""
+    family = family or model_family(cfg)
+    return family.lora_target_regex(cfg.lora.target_modules, cfg.lora.train_merger)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The language model's decoder layers (`model.model.language_model.layers` under transformers 5)."""
-    return list(model.model.language_model.layers)
+    """The language model's decoder layers (the family's, `model.model.language_model.layers`)."""
+    return family_of_model(model).decoder_layers(model)
 
 
 def apply_lora(
@@ -166,7 +172,7 @@ def apply_lora(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_regex(cfg),
+        target_modules=lora_target_regex(cfg, family_of_model(model)),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -213,29 +219,12 @@ def use_fused_kernels(cfg: Config, device: str) -> bool:
 
 
 def apply_fused_kernels(model, fused_cross_entropy: bool = True) -> None:
-    """Liger's Triton kernels on a Qwen3-VL model: RMSNorm and rotary embeddings fused, and a
-    cross-entropy fused with lm_head that computes the loss chunk by chunk without materialising the
+    """Liger's Triton kernels on the model (its family's patch): RMSNorm and rotary embeddings fused, and
+    a cross-entropy fused with lm_head that computes the loss chunk by chunk without materialising the
     logits (same loss: the tiny-model test on a GPU compares it). The rotary patch is module-wide.
     `fused_cross_entropy=False` under DeepSpeed ZeRO-3: the fused loss reads lm_head.weight directly,
     which ZeRO-3 only gathers inside lm_head's own forward."""
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
-    from liger_kernel.transformers.model import qwen3_vl as liger_qwen3_vl
-
-    apply_liger_kernel_to_qwen3_vl(
-        rope=True, rms_norm=True, fused_linear_cross_entropy=fused_cross_entropy, model=model
-    )
-    if not fused_cross_entropy:
-        return
-    loss = liger_qwen3_vl.LigerForCausalLMLoss
-    if not getattr(loss, "pcbvlm_contiguous", False):
-        # Liger's Qwen3-VL forward slices the hidden states for `logits_to_keep` (the answer-only
-        # logits of pcbvlm.collator.keep_answer_logits) and then .view()s them, which fails on the
-        # non-contiguous slice; a contiguous copy of the kept rows (~40 MB at micro-batch 16) fixes it.
-        def contiguous_loss(hidden_states, *args, **kwargs):
-            return loss(hidden_states.contiguous(), *args, **kwargs)
-
-        contiguous_loss.pcbvlm_contiguous = True
-        liger_qwen3_vl.LigerForCausalLMLoss = contiguous_loss
+    family_of_model(model).apply_fused_kernels(model, fused_cross_entropy)
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Model text -> defect objects in pixels. `parse_answer` never raises, whatever the model wrote.
 
-The trained answer is `[{"bbox_2d": [x1, y1, x2, y2], "label": "open"}, ...]` in 0-1000 coordinates
-(see `pcbvlm.answer`). Real outputs drift from it; every deviation is counted by kind in
+The trained answer is `[{"bbox_2d": [x1, y1, x2, y2], "label": "open"}, ...]` in the model family's
+answer frame (see `pcbvlm.answer`; 0-1000 for Qwen3-VL, the default). Real outputs drift from it; every deviation is counted by kind in
 `ParseResult.problems`. Two families of kinds:
 
 - ERROR_KINDS: the answer could not be read as written, so objects were dropped or changed
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pcbvlm.answer import REL_SCALE, to_pixels
+from pcbvlm.answer import RELATIVE_FRAME, Frame, from_frame
 from pcbvlm.labels import LABELS
 
 ERROR_KINDS: tuple[str, ...] = (
@@ -40,7 +40,7 @@ ERROR_KINDS: tuple[str, ...] = (
     "missing_key",  # an object without a box or a label (dropped)
     "bad_value",  # a box that is not 4 finite numbers, or a label that is not a string (dropped)
     "unknown_label",  # a label that is no DeepPCB class in any spelling (dropped)
-    "out_of_range",  # a coordinate outside 0-1000 (clipped)
+    "out_of_range",  # a coordinate outside the answer frame (0-1000 for Qwen3-VL; clipped)
     "swapped",  # x1 > x2 or y1 > y2 (swapped back)
     "degenerate",  # zero width or height after clipping (dropped)
 )
@@ -347,6 +347,7 @@ def _read_object(
     height: int,
     problems: Counter[str],
     classes: Sequence[str] | None = None,
+    frame: Frame = RELATIVE_FRAME,
 ) -> ParsedObject | None:
     if not isinstance(value, dict):
         problems["not_an_object"] += 1
@@ -381,15 +382,16 @@ def _read_object(
         return None
     problems.update(notes)
     coords = [float(v) for v in numbers if v is not None]
-    if any(v < 0 or v > REL_SCALE for v in coords):
+    limits = (frame[0], frame[1], frame[0], frame[1])
+    if any(v < 0 or v > limit for v, limit in zip(coords, limits, strict=True)):
         problems["out_of_range"] += 1
-        coords = [min(float(REL_SCALE), max(0.0, v)) for v in coords]
+        coords = [min(float(limit), max(0.0, v)) for v, limit in zip(coords, limits, strict=True)]
     x1, y1, x2, y2 = coords
     if x1 > x2 or y1 > y2:
         problems["swapped"] += 1
         x1, x2 = min(x1, x2), max(x1, x2)
         y1, y2 = min(y1, y2), max(y1, y2)
-    px = to_pixels((x1, y1, x2, y2), width, height)
+    px = from_frame((x1, y1, x2, y2), width, height, frame)
     # Checked in pixels: rounding to two decimals can also collapse a sliver of a box.
     if px[2] <= px[0] or px[3] <= px[1]:
         problems["degenerate"] += 1
@@ -398,10 +400,15 @@ def _read_object(
 
 
 def parse_answer(
-    text: str | None, width: int, height: int, classes: Sequence[str] | None = None
+    text: str | None,
+    width: int,
+    height: int,
+    classes: Sequence[str] | None = None,
+    frame: Frame = RELATIVE_FRAME,
 ) -> ParseResult:
     """Read the model's answer for a width x height image. Never raises. `classes`: the dataset's class
-    names (DeepPCB's when None); other labels are `unknown_label`.
+    names (DeepPCB's when None); other labels are `unknown_label`. `frame`: the model family's answer
+    frame for this image (`ModelFamily.answer_frame`; the relative 1000 x 1000 one by default).
 
     Returns the kept objects (pixel boxes, canonical labels, score 1.0, span of each `{...}` in
     `text`) and the problems met, by kind; `result.error` is None when nothing was lost or changed.
@@ -424,7 +431,7 @@ def parse_answer(
 
     objects = []
     for value, span in scan.items:
-        obj = _read_object(value, span, width, height, problems, classes)
+        obj = _read_object(value, span, width, height, problems, classes, frame)
         if obj is not None:
             objects.append(obj)
     return ParseResult(tuple(objects), dict(+problems))

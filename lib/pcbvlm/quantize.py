@@ -29,6 +29,7 @@ import torch
 
 from pcbvlm.config import Config
 from pcbvlm.errors import DataError, UserError
+from pcbvlm.families import ModelFamily, family_for
 from pcbvlm.io import PARTIAL_MARK, atomic_directory, atomic_write_json, is_partial
 from pcbvlm.model_folder import (
     MAX_SHARD_SIZE,
@@ -61,22 +62,6 @@ MATCH_IOU = 0.5  # two boxes agree when they have the same label and overlap at 
 # weights amplify rounding noise layer after layer, so random test models are the worst case: measured
 # 0.14 (tiny, 2 layers) and 0.47 (48 layers, group 128, on an H200); trained models are far more robust.
 MAX_REL_RMS_DIFF = 1.0
-# AWQ smoothing pairs, scoped to the language model's decoder layers (the vision tower is not
-# quantized, and its blocks must never be matched). The same pairs as llm-compressor's defaults for
-# Qwen2/Qwen3 and its Qwen2.5-VL mappings; v_proj -> o_proj is skipped by AWQ when the shapes differ
-# (grouped-query attention: the 32B has 8 KV heads for 64 query heads).
-_LM = r"re:.*language_model\.layers\.\d+\."
-AWQ_MAPPINGS = [
-    (
-        _LM + r"input_layernorm$",
-        [_LM + r"self_attn\.q_proj$", _LM + r"self_attn\.k_proj$", _LM + r"self_attn\.v_proj$"],
-    ),
-    (_LM + r"self_attn\.v_proj$", [_LM + r"self_attn\.o_proj$"]),
-    (_LM + r"post_attention_layernorm$", [_LM + r"mlp\.gate_proj$", _LM + r"mlp\.up_proj$"]),
-    (_LM + r"mlp\.up_proj$", [_LM + r"mlp\.down_proj$"]),
-]
-
-
 # ------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -247,12 +232,13 @@ def _host_memory_awq():
     return HostMemoryAWQModifier
 
 
-def build_recipe(cfg: Config) -> list:
+def build_recipe(cfg: Config, family: ModelFamily) -> list:
+    """AWQ with the family's smoothing pairs (`ModelFamily.awq_mappings`), then W4A16."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 
     awq_class = AWQModifier if torch.accelerator.is_available() else _host_memory_awq()
-    mappings = [AWQMapping(smooth, balance) for smooth, balance in AWQ_MAPPINGS]
+    mappings = [AWQMapping(smooth, balance) for smooth, balance in family.awq_mappings]
     return [
         awq_class(mappings=mappings),
         QuantizationModifier(config_groups={"group_0": weight_scheme(cfg)}, ignore=list(cfg.quantize.ignore)),
@@ -265,6 +251,23 @@ def _stock_recipe_names(folder: Path) -> None:
     path = folder / RECIPE_FILE
     if path.is_file():
         path.write_text(path.read_text().replace("HostMemoryAWQModifier:", "AWQModifier:"))
+
+
+def _ignore_renamed_modules(folder: Path, module_names: set[str], patterns: list[str]) -> None:
+    """config.json lists the modules left unquantized (`quantization_config.ignore`) by name, in the
+    checkpoint's spelling. Some families' checkpoints spell modules differently from the loaded model
+    (Qwen2.5-VL: `visual.blocks...` for `model.visual.blocks...`); those names match nothing on load, and
+    transformers would then expect 4-bit weights for the vision tower. Where a listed name is not a module
+    of the model, the configured `quantize.ignore` patterns (`re:` regexes, either spelling) are added."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    ignore = config["quantization_config"].get("ignore") or []
+    if all(name in module_names for name in ignore if not name.startswith("re:")):
+        return
+    config["quantization_config"]["ignore"] = [*ignore, *(p for p in patterns if p not in ignore)]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -323,16 +326,21 @@ def _greedy_matches(a, b) -> int:
     return matched
 
 
-def answer_agreement(samples: list[dict[str, Any]], reference: list[str], other: list[str]) -> dict[str, Any]:
-    """How the quantized model's answers compare with the merged model's, parsed into boxes."""
+def answer_agreement(
+    samples: list[dict[str, Any]], reference: list[str], other: list[str], frames: list | None = None
+) -> dict[str, Any]:
+    """How the quantized model's answers compare with the merged model's, parsed into boxes (in
+    `frames`, the model family's answer frame per sample; the relative 0-1000 one without)."""
+    from pcbvlm.answer import RELATIVE_FRAME
     from pcbvlm.parsing import parse_answer
 
     rows, matched, n_ref, n_other = [], 0, 0, 0
-    for sample, ref_text, text in zip(samples, reference, other, strict=True):
+    frames = frames or [RELATIVE_FRAME] * len(samples)
+    for sample, ref_text, text, frame in zip(samples, reference, other, frames, strict=True):
         width, height = int(sample["width"]), int(sample["height"])
         classes = sample.get("classes")  # the dataset's class list (pcbvlm.samples)
-        ref_objects = parse_answer(ref_text, width, height, classes).objects
-        objects = parse_answer(text, width, height, classes).objects
+        ref_objects = parse_answer(ref_text, width, height, classes, frame).objects
+        objects = parse_answer(text, width, height, classes, frame).objects
         pairs = _greedy_matches(ref_objects, objects)
         matched += pairs
         n_ref += len(ref_objects)
@@ -418,7 +426,6 @@ def quantize_model(
     publishes nothing when the quantized model does not load, generate, or stay close to the input."""
     from llmcompressor import oneshot
     from torch.utils.data import DataLoader
-    from transformers import Qwen3VLForConditionalGeneration
 
     from pcbvlm.collator import TrainCollator
     from pcbvlm.processing import load_processor
@@ -434,13 +441,16 @@ def quantize_model(
     device = quantize_device(cfg)
     exec_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     samples = verification_samples(cfg, cfg.quantize.verify_samples)
-    processor = load_processor(source, cfg.data.min_pixels, cfg.data.max_pixels)
+    family = family_for(source)
+    processor = load_processor(source, cfg.data.min_pixels, cfg.data.max_pixels, family=family)
 
     tick = time.perf_counter()
     # In RAM, in the dtype the merge wrote; the sequential pipeline moves one layer at a time to the GPU.
-    net = Qwen3VLForConditionalGeneration.from_pretrained(
-        source, dtype="auto", attn_implementation=cfg.model.attn_implementation
-    ).eval()
+    net = (
+        family.model_class()
+        .from_pretrained(source, dtype="auto", attn_implementation=cfg.model.attn_implementation)
+        .eval()
+    )
     dtype = net.dtype
     check_group_size(net, cfg.quantize.group_size)
     calibration = calibration_set(cfg, processor, dtype)
@@ -459,11 +469,11 @@ def quantize_model(
         stages["reference_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    decoder_layer = type(net.model.language_model.layers[0]).__name__  # Qwen3VLTextDecoderLayer
+    decoder_layer = family.decoder_layer_class  # llm-compressor calibrates one decoder layer at a time
     oneshot(
         model=net,
         processor=processor,
-        recipe=build_recipe(cfg),
+        recipe=build_recipe(cfg, family),
         dataset=DataLoader(calibration.batches, batch_size=1, shuffle=False, collate_fn=_one_batch),
         sequential_targets=[decoder_layer],
     )
@@ -473,6 +483,7 @@ def quantize_model(
         tick = time.perf_counter()
         net.save_pretrained(tmp, save_compressed=True, max_shard_size=MAX_SHARD_SIZE)
         _stock_recipe_names(tmp)
+        _ignore_renamed_modules(tmp, {name for name, _ in net.named_modules()}, cfg.quantize.ignore)
         save_processor(processor, tmp, source)
         stages["save_s"] = time.perf_counter() - tick
         del net
@@ -485,15 +496,25 @@ def quantize_model(
             # int4 weights are unpacked to the model dtype on the first forward: transformers has no
             # int4 kernels for compressed-tensors; vLLM runs them packed).
             tick = time.perf_counter()
-            quantized = Qwen3VLForConditionalGeneration.from_pretrained(
-                tmp,
-                dtype="auto",
-                attn_implementation=cfg.model.attn_implementation,
-                device_map={"": exec_device.index} if device == "cuda" else None,
-            ).eval()
+            quantized = (
+                family.model_class()
+                .from_pretrained(
+                    tmp,
+                    dtype="auto",
+                    attn_implementation=cfg.model.attn_implementation,
+                    device_map={"": exec_device.index} if device == "cuda" else None,
+                )
+                .eval()
+            )
             logits = compare_logits(reference_logits, attended_logits(quantized, batch, exec_device, dtype))
             answers = greedy_answers(quantized, processor, prompts, exec_device, dtype, max_new_tokens)
-            agreement = answer_agreement(samples, reference_answers, answers)
+            frames = [
+                family.answer_frame(
+                    int(s["width"]), int(s["height"]), cfg.data.min_pixels, cfg.data.max_pixels
+                )
+                for s in samples
+            ]
+            agreement = answer_agreement(samples, reference_answers, answers, frames)
             agreement["max_new_tokens"] = max_new_tokens
             del quantized
             free_memory()

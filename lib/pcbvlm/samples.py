@@ -12,7 +12,12 @@ one sample:
 The class list travels with the dataset: in every sample and in stats.json (`classes`). Data converted
 before class lists existed has neither; it is DeepPCB data, so `DEFAULT_CLASSES` (pcbvlm.labels) applies.
 
-Public API: `build_messages`, `render_prompt`, `load_samples`, `dataset_classes`, `OUTPUT_SPLITS`, `STATS_FILE`.
+The assistant turn is written in the answer frame of a model family (pcbvlm.families): `make data`
+writes it for the configured model's family, and training writes it again for the family it trains
+(`set_answers`), so data converted for one family can never teach another family's coordinates.
+
+Public API: `build_messages`, `set_answers`, `render_prompt`, `load_samples`, `dataset_classes`,
+`OUTPUT_SPLITS`, `STATS_FILE`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pcbvlm.answer import format_answer
+from pcbvlm.answer import RELATIVE_FRAME, format_answer
 from pcbvlm.config import DataConfig
 from pcbvlm.errors import DataError
 from pcbvlm.io import read_jsonl
 from pcbvlm.labels import LABELS
+
+if TYPE_CHECKING:
+    from pcbvlm.families import ModelFamily
 
 OUTPUT_SPLITS: tuple[str, ...] = ("train", "val", "test")
 STATS_FILE = "stats.json"
@@ -50,12 +58,18 @@ def sample_classes(sample: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(classes) if classes else DEFAULT_CLASSES
 
 
-def build_messages(sample: Mapping[str, Any], data_cfg: DataConfig, with_answer: bool = True) -> list[dict]:
+def build_messages(
+    sample: Mapping[str, Any],
+    data_cfg: DataConfig,
+    with_answer: bool = True,
+    family: ModelFamily | None = None,
+) -> list[dict]:
     """The chat of one sample, in the transformers chat-template format.
 
     `sample` needs `image` (path of the board under test) and, with `data_cfg.with_template`, `template`
     (the defect-free board, shown first); with `with_answer`, also `objects`, `width` and `height`, from
-    which the assistant turn is written by `pcbvlm.answer.format_answer`. The prompt's `{classes}` is
+    which the assistant turn is written by `pcbvlm.answer.format_answer` in `family`'s answer frame
+    (the relative 0-1000 frame of the default family, Qwen3-VL, without one). The prompt's `{classes}` is
     filled from `sample["classes"]`. Evaluation and inference call this with `with_answer=False` so that
     the prompt is byte-for-byte the one trained on.
     """
@@ -75,9 +89,21 @@ def build_messages(sample: Mapping[str, Any], data_cfg: DataConfig, with_answer:
     content.append({"type": "text", "text": render_prompt(prompt, sample_classes(sample))})
     messages: list[dict] = [{"role": "user", "content": content}]
     if with_answer:
-        answer = format_answer(sample["objects"], int(sample["width"]), int(sample["height"]))
+        width, height = int(sample["width"]), int(sample["height"])
+        frame = (
+            RELATIVE_FRAME
+            if family is None
+            else family.answer_frame(width, height, data_cfg.min_pixels, data_cfg.max_pixels)
+        )
+        answer = format_answer(sample["objects"], width, height, frame)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
+
+
+def set_answers(rows: Sequence[dict[str, Any]], data_cfg: DataConfig, family: ModelFamily) -> None:
+    """(Re)write the chat of every converted sample with its answer in `family`'s frame, in place."""
+    for row in rows:
+        row["messages"] = build_messages(row, data_cfg, family=family)
 
 
 def load_samples(data_dir: str | Path, split: str) -> list[dict[str, Any]]:

@@ -1,8 +1,11 @@
-"""The architecture of Qwen3-VL, as numbers: the 32B shape built in code, and parameter counts per part.
+"""The architecture of the model, as numbers: the 32B-class shapes, and parameter counts per part.
 
 The preflight memory estimate and the GPU benchmark both need the model's shape. The real config.json is
 used where it is on disk (a local folder or the Hugging Face cache); when it is not (a fresh machine,
-offline), `qwen3_vl_32b_config()` gives the Qwen3-VL-32B-Instruct architecture without a download.
+offline), each model family holds its 32B-class shape (`ModelFamily.config_dict_32b`, found for a hub id
+by `builtin_32b_family`); `qwen3_vl_32b_config()` gives Qwen3-VL-32B-Instruct's without a download.
+`count_parameters` does the arithmetic of both families' blocks (tests compare it with the meta-device
+count of each family's 32B shape).
 
 `ModelShape` is a plain description read from a `transformers.Qwen3VLConfig`, a config.json dict or
 another `ModelShape`; `count_parameters(shape)` counts the parameters of each part by arithmetic
@@ -18,83 +21,37 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-QWEN3_VL_32B_ID = "Qwen/Qwen3-VL-32B-Instruct"
+from pcbvlm.families.base import ModelFamily
+from pcbvlm.families.qwen3_vl import FAMILY as QWEN3_VL
 
-# Qwen/Qwen3-VL-32B-Instruct config.json, in the transformers 5 spelling (rope_parameters).
-QWEN3_VL_32B_TEXT: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 5120,
-    "intermediate_size": 25600,
-    "num_hidden_layers": 64,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 262144,
-    "rms_norm_eps": 1e-6,
-    "attention_bias": False,
-    "rope_parameters": {
-        "rope_type": "default",
-        "rope_theta": 5000000.0,
-        "mrope_section": [24, 20, 20],
-        "mrope_interleaved": True,
-    },
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-}
-QWEN3_VL_32B_VISION: dict[str, Any] = {
-    "depth": 27,
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_heads": 16,
-    "in_channels": 3,
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "out_hidden_size": 5120,
-    "num_position_embeddings": 2304,
-    "deepstack_visual_indexes": [8, 16, 24],
-    "hidden_act": "gelu_pytorch_tanh",
-}
-QWEN3_VL_32B_TOP: dict[str, Any] = {
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "tie_word_embeddings": False,
-}
+QWEN3_VL_32B_ID = QWEN3_VL.hub_id_32b
 # 33,357,390,064: what the meta-device instantiation of the shape above counts (tests check both).
 QWEN3_VL_32B_PARAMS = 33_357_390_064
 
-_QWEN3_VL_32B_NAME = re.compile(r"(^|/)qwen3-vl-32b-(instruct|thinking)$", re.IGNORECASE)
+
+def builtin_32b_family(name_or_path: str) -> ModelFamily | None:
+    """The family whose built-in 32B-class shape `name_or_path` names (a hub id such as
+    Qwen/Qwen3-VL-32B-Instruct or Qwen/Qwen2.5-VL-32B-Instruct), or None."""
+    from pcbvlm.families import FAMILIES
+
+    name = name_or_path.strip().rstrip("/")
+    return next((f for f in FAMILIES.values() if f.name_32b.search(name)), None)
 
 
 def is_qwen3_vl_32b(name_or_path: str) -> bool:
     """True for the Qwen3-VL-32B hub ids (Instruct, Thinking) whose shape `qwen3_vl_32b_config` holds."""
-    return bool(_QWEN3_VL_32B_NAME.search(name_or_path.strip().rstrip("/")))
+    return builtin_32b_family(name_or_path) is QWEN3_VL
 
 
 def qwen3_vl_32b_dict() -> dict[str, Any]:
     """The 32B architecture as a config.json-like dict (no transformers import)."""
-    return {
-        "model_type": "qwen3_vl",
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        **QWEN3_VL_32B_TOP,
-        "text_config": {"model_type": "qwen3_vl_text", **QWEN3_VL_32B_TEXT},
-        "vision_config": {"model_type": "qwen3_vl_vision", **QWEN3_VL_32B_VISION},
-    }
+    return QWEN3_VL.config_dict_32b()
 
 
 def qwen3_vl_32b_config(**text_overrides: Any):
     """`transformers.Qwen3VLConfig` of Qwen3-VL-32B-Instruct; `text_overrides` change text-config keys
     (e.g. `num_hidden_layers=2` for a cut-down benchmark model of the same width)."""
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(
-        text_config={**QWEN3_VL_32B_TEXT, **text_overrides},
-        vision_config=dict(QWEN3_VL_32B_VISION),
-        **QWEN3_VL_32B_TOP,
-    )
+    return QWEN3_VL.config_32b(**text_overrides)
 
 
 @dataclass(frozen=True)
@@ -108,8 +65,12 @@ class VisionShape:
     spatial_merge_size: int
     temporal_patch_size: int
     out_hidden_size: int
-    num_position_embeddings: int
+    num_position_embeddings: int  # the learned position table (Qwen3-VL); 0 without one (Qwen2.5-VL)
     num_deepstack: int
+    # Qwen2.5-VL's blocks: a gated MLP (gate, up, down), RMSNorms, and a patch embedding without bias;
+    # Qwen3-VL's: a 2-layer MLP, LayerNorms (weight and bias), a patch embedding with bias.
+    gated_mlp: bool = False
+    rms_norm: bool = False
 
     @property
     def merged_size(self) -> int:
@@ -119,7 +80,7 @@ class VisionShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The numbers of a Qwen3-VL (or text-only Qwen3) architecture that memory and size depend on."""
+    """The numbers of a Qwen-VL (or text-only Qwen) architecture that memory and size depend on."""
 
     vocab_size: int
     hidden_size: int
@@ -129,7 +90,9 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (Qwen3's attention_bias)
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2/Qwen2.5)
+    qk_norm: bool = True  # RMSNorms on queries and keys per head (Qwen3; not Qwen2.5)
     vision: VisionShape | None = field(default=None)
 
     @property
@@ -166,7 +129,9 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
         """From a ModelShape, a `transformers` config object or a config.json dict (transformers 4 or 5
-        spelling; a composite Qwen3-VL config or a text-only one)."""
+        spelling; a composite Qwen-VL config or a text-only one). A vision config with
+        `fullatt_block_indexes` is Qwen2.5-VL's windowed tower (and its text model Qwen2.5's: q/k/v biases,
+        no q/k norms)."""
         if isinstance(config, ModelShape):
             return config
         if not isinstance(config, Mapping):
@@ -176,6 +141,7 @@ class ModelShape:
             config = to_dict()
         text = config.get("text_config") or config
         vision_cfg = config.get("vision_config")
+        qwen2_5 = bool(vision_cfg) and "fullatt_block_indexes" in vision_cfg
         try:
             hidden = int(text["hidden_size"])
             heads = int(text["num_attention_heads"])
@@ -191,8 +157,12 @@ class ModelShape:
                     spatial_merge_size=int(vision_cfg.get("spatial_merge_size", 2)),
                     temporal_patch_size=int(vision_cfg.get("temporal_patch_size", 2)),
                     out_hidden_size=int(vision_cfg.get("out_hidden_size", hidden)),
-                    num_position_embeddings=int(vision_cfg.get("num_position_embeddings", 2304)),
+                    num_position_embeddings=int(
+                        vision_cfg.get("num_position_embeddings", 0 if qwen2_5 else 2304)
+                    ),
                     num_deepstack=len(vision_cfg.get("deepstack_visual_indexes") or ()),
+                    gated_mlp=qwen2_5,
+                    rms_norm=qwen2_5,
                 )
             tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
             return cls(
@@ -205,10 +175,12 @@ class ModelShape:
                 head_dim=int(text.get("head_dim") or hidden // heads),
                 tie_word_embeddings=bool(tie),
                 attention_bias=bool(text.get("attention_bias", False)),
+                qkv_bias=qwen2_5,
+                qk_norm=not qwen2_5,
                 vision=vision,
             )
         except KeyError as err:
-            raise ValueError(f"model config has no {err.args[0]!r}: not a Qwen3-VL config") from None
+            raise ValueError(f"model config has no {err.args[0]!r}: not a Qwen-VL config") from None
 
 
 def qwen3_vl_32b_shape() -> ModelShape:
@@ -240,20 +212,24 @@ def count_parameters(model: Any) -> ParamCounts:
     s = ModelShape.from_config(model)
     per_layer = 0
     for name, (fan_in, fan_out) in s.decoder_linears().items():
-        bias = fan_out if s.attention_bias and name in ("q_proj", "k_proj", "v_proj", "o_proj") else 0
-        per_layer += fan_in * fan_out + bias
-    norms = s.num_layers * (2 * s.hidden_size + 2 * s.head_dim) + s.hidden_size
+        biased = (s.attention_bias and name in ("q_proj", "k_proj", "v_proj", "o_proj")) or (
+            s.qkv_bias and name in ("q_proj", "k_proj", "v_proj")
+        )
+        per_layer += fan_in * fan_out + (fan_out if biased else 0)
+    norms = s.num_layers * (2 * s.hidden_size + (2 * s.head_dim if s.qk_norm else 0)) + s.hidden_size
     embed = s.vocab_size * s.hidden_size
     vision = 0
     if s.vision is not None:
         v = s.vision
         h, i, m = v.hidden_size, v.intermediate_size, v.merged_size
-        patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h + h
+        norm = h if v.rms_norm else 2 * h  # RMSNorm: a weight; LayerNorm: weight + bias
+        patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h + (0 if v.rms_norm else h)
         pos_embed = v.num_position_embeddings * h
-        # Block: two LayerNorms (weight + bias), qkv and proj with bias, a 2-layer MLP with bias.
-        block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
+        mlp = (3 if v.gated_mlp else 2) * h * i + (2 * i if v.gated_mlp else i) + h  # all with bias
+        # Block: two norms, qkv and proj with bias, the MLP.
+        block = 2 * norm + (3 * h * h + 3 * h) + (h * h + h) + mlp
         merger_linears = (m * m + m) + (m * v.out_hidden_size + v.out_hidden_size)
-        merger = 2 * h + merger_linears  # LayerNorm over one patch, before the 2x2 shuffle
+        merger = norm + merger_linears  # a norm over one patch, before the 2x2 shuffle
         deepstack = v.num_deepstack * (2 * m + merger_linears)  # LayerNorm after the shuffle
         vision = patch_embed + pos_embed + v.depth * block + merger + deepstack
     return ParamCounts(
@@ -266,17 +242,19 @@ def count_parameters(model: Any) -> ParamCounts:
 
 
 def count_parameters_meta(config: Any) -> ParamCounts:
-    """The same counts by instantiating `Qwen3VLForConditionalGeneration` on the meta device (no memory,
+    """The same counts by instantiating the family's model on the meta device (no memory,
     a few seconds for the 32B shape): the ground truth the arithmetic is tested against."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    if not isinstance(config, Qwen3VLConfig):
+    from pcbvlm.families import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", ""))
+    if family is None or not hasattr(config, "to_dict"):
         raise TypeError(
-            f"count_parameters_meta needs a transformers Qwen3VLConfig, got {type(config).__name__}"
+            f"count_parameters_meta needs a transformers config of a model family, got {type(config).__name__}"
         )
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(config)
+        model = family.model_class()(config)
     parts = {"lm_linears": 0, "lm_norms": 0, "embed_tokens": 0, "lm_head": 0, "vision": 0}
     for name, param in model.named_parameters():
         n = param.numel()

@@ -1,9 +1,9 @@
-"""The embedded tiny model: a random Qwen3-VL with the 32B's module names, built locally and offline.
+"""The embedded tiny models: a random model of a family with its 32B's module names, built locally offline.
 
-`ensure_tiny_model(path)` builds it once (deterministic for a seed) and saves a normal Hugging Face
-folder: `config.json` + safetensors, a byte-level BPE tokenizer trained with `tokenizers` on this
-project's prompt/answer vocabulary plus Qwen's special tokens, a Qwen3-VL chat template, and the image
-processor settings. Every job then loads it exactly like the 32B (`from_pretrained(path)`), so the
+`ensure_tiny_model(path, family=...)` builds one once (deterministic for a seed) and saves a normal
+Hugging Face folder: `config.json` + safetensors (the family's `tiny_config`), a byte-level BPE tokenizer
+trained with `tokenizers` on this project's prompt/answer vocabulary plus Qwen's special tokens, a
+Qwen-VL chat template, and the image processor settings (the family's patch size). Every job then loads it exactly like the 32B (`from_pretrained(path)`), so the
 demo and the tests exercise the real code paths without a download.
 """
 
@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pcbvlm.families import FAMILIES, ModelFamily
 from pcbvlm.io import atomic_directory
 from pcbvlm.labels import LABELS
+
+DEFAULT_FAMILY = "qwen3_vl"
 
 # Qwen2/Qwen3 special tokens, in Qwen's id order, so the template and processor find them by name.
 QWEN_SPECIAL_TOKENS = [
@@ -39,7 +42,7 @@ QWEN_SPLIT_PATTERN = (
     r"|\s+(?!\S)|\s+"
 )
 
-# The same structure as Qwen3-VL-Instruct's template for text + image turns (no tools, no video).
+# The same structure as Qwen2.5-VL- and Qwen3-VL-Instruct's templates for text + image turns (no tools, no video).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -66,6 +69,7 @@ def _training_corpus() -> list[str]:
     lines = [*prompts, "system", "user", "assistant"]
     for label in LABELS:
         lines.append(f'[{{"bbox_2d": [12, 345, 678, 901], "label": "{label}"}}]')
+    # Numbers are split into digits (QWEN_SPLIT_PATTERN): every frame's coordinates use the same tokens.
     lines += [" ".join(str(i) for i in range(0, 1001, 7)), "[]", "```json", "```"]
     return lines * 4
 
@@ -103,92 +107,44 @@ def build_tokenizer():
     return fast
 
 
-def tiny_config(vocab_size: int, tokenizer=None):
-    """A Qwen3-VL config with every feature of the 32B (mrope, deepstack, merger) at toy sizes."""
-    from transformers import Qwen3VLConfig
-
-    ids = {}
-    if tokenizer is not None:
-        ids = {
-            "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        }
-    head_dim = 16
-    return Qwen3VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            # mrope sections must add up to head_dim / 2 (t, h, w interleaved, as in the 32B's [24, 20, 20])
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 5_000_000.0,
-                "mrope_section": [4, 2, 2],
-                "mrope_interleaved": True,
-            },
-            "tie_word_embeddings": False,
-            "pad_token_id": tokenizer.pad_token_id if tokenizer is not None else None,
-            "eos_token_id": tokenizer.eos_token_id if tokenizer is not None else None,
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "in_channels": 3,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "out_hidden_size": 64,
-            "num_position_embeddings": 256,
-            "deepstack_visual_indexes": [1],
-        },
-        tie_word_embeddings=False,
-        **ids,
-    )
+def tiny_config(vocab_size: int, tokenizer=None, family: str = DEFAULT_FAMILY):
+    """The family's tiny config (pcbvlm.families: `tiny_config`)."""
+    return FAMILIES[family].tiny_config(tokenizer, vocab_size)
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, family: ModelFamily | None = None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from pcbvlm.processing import ImageOnlyQwen3VLProcessor
-
-    # The PIL image processor works without torchvision; Qwen3-VL uses 16 px patches and a 2x2 merge.
+    family = family or FAMILIES[DEFAULT_FAMILY]
+    # The PIL image processor works without torchvision; the patch and merge sizes are the family's.
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16,
+        patch_size=family.patch_size,
         temporal_patch_size=2,
-        merge_size=2,
+        merge_size=family.merge_size,
         min_pixels=TINY_IMAGE_PIXELS[0],
         max_pixels=TINY_IMAGE_PIXELS[1],
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    return ImageOnlyQwen3VLProcessor(
+    return family.processor_class()(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
 
 
-def build_tiny_model(seed: int = 0):
-    """Return (model, processor) for the tiny random Qwen3-VL; deterministic for a seed."""
+def build_tiny_model(seed: int = 0, family: str = DEFAULT_FAMILY):
+    """Return (model, processor) for the tiny random model of `family`; deterministic for a seed."""
     import torch
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers import GenerationConfig
 
+    spec = FAMILIES[family]
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    config = tiny_config(len(tokenizer), tokenizer)
+    processor = build_processor(tokenizer, spec)
+    config = spec.tiny_config(tokenizer, len(tokenizer))
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = spec.model_class()(config).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids(spec.end_of_answer),
             tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         ],
         pad_token_id=tokenizer.pad_token_id,
@@ -197,13 +153,14 @@ def build_tiny_model(seed: int = 0):
     return model, processor
 
 
-def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Build and save the tiny model to `path` unless a complete copy is already there."""
+def ensure_tiny_model(path: str | Path, seed: int = 0, family: str = DEFAULT_FAMILY) -> Path:
+    """Build and save the tiny model of `family` (a model_type) to `path` unless a complete copy is
+    already there."""
     path = Path(path)
     marker = path / "tiny-model.json"
     if marker.is_file():
         return path
-    model, processor = build_tiny_model(seed)
+    model, processor = build_tiny_model(seed, family)
     with atomic_directory(path, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         # Saved part by part (tokenizer with its chat template, image processor): the layout of a hub

@@ -85,6 +85,24 @@ def claim_run(cfg: Config, identity: str, resume: str) -> tuple[RunPlan, RunLock
 # Data
 
 
+def training_samples(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The train and val samples of paths.data_dir (val empty without val.jsonl: no eval loss), their
+    answers written in the configured model family's coordinates, whichever family `make data` wrote
+    them for (Qwen3-VL: 0-1000 relative; Qwen2.5-VL: pixels of the resized image)."""
+    from pcbvlm.modeling import model_family
+    from pcbvlm.samples import load_samples, set_answers
+
+    data_dir = Path(cfg.paths.data_dir)
+    train_rows = load_samples(data_dir, "train")
+    val_rows = load_samples(data_dir, "val") if (data_dir / "val.jsonl").is_file() else []
+    if not train_rows:
+        raise DataError(f"{data_dir / 'train.jsonl'}: no training samples")
+    family = model_family(cfg)
+    set_answers(train_rows, cfg.data, family)
+    set_answers(val_rows, cfg.data, family)
+    return train_rows, val_rows
+
+
 def to_dataset(rows: list[dict[str, Any]], tokenizer, image_tokens: int):
     """A `datasets.Dataset` with the chat as JSON text and an approximate token length per sample
     (image tokens + answer tokens), which length-grouped sampling uses to batch similar lengths."""
@@ -100,11 +118,6 @@ def to_dataset(rows: list[dict[str, Any]], tokenizer, image_tokens: int):
             {"id": str(row.get("id", "")), "messages": json.dumps(row["messages"]), "length": length}
         )
     return datasets.Dataset.from_list(records)
-
-
-def image_token_count(max_pixels: int, patch: int = 16, merge: int = 2) -> int:
-    """Visual tokens for an image of at most max_pixels: one token per merged (patch*merge)^2 block."""
-    return max(1, max_pixels // (patch * merge) ** 2)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -604,13 +617,12 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         apply_lora,
         ensure_model_available,
         load_base_model,
+        model_family,
         resolve_device,
         resolve_dtype,
         trainable_parameters,
         use_fused_kernels,
     )
-    from pcbvlm.processing import load_processor
-    from pcbvlm.samples import load_samples
 
     device = resolve_device(cfg)
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
@@ -622,11 +634,8 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     if is_main:
         print(f"training on {launch['description']}", flush=True)
     data_dir = Path(cfg.paths.data_dir)
-    train_rows = load_samples(data_dir, "train")
-    # A run without val.jsonl (val_fraction 0) trains without eval loss.
-    val_rows = load_samples(data_dir, "val") if (data_dir / "val.jsonl").is_file() else []
-    if not train_rows:
-        raise DataError(f"{data_dir / 'train.jsonl'}: no training samples")
+    train_rows, val_rows = training_samples(cfg)
+    family = model_family(cfg)
 
     identity = run_identity(cfg, dataset_hash(data_dir))
     plan, record.lock = claim_run(cfg, identity, resume)
@@ -681,9 +690,7 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     if is_main:
         ensure_model_available(cfg)  # builds the tiny model once, before other processes read it
     state.wait_for_everyone()
-    processor = load_processor(
-        ensure_model_available(cfg), cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.revision
-    )
+    processor = family.load_processor(cfg, ensure_model_available(cfg), cfg.model.revision)
     # Seed before the adapters are created: their initial weights come from the global RNG.
     set_seed(cfg.train.seed)
     model = load_base_model(cfg, device=device, dtype=dtype, zero3=deepspeed_zero_stage() == 3)
@@ -698,7 +705,7 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         log.info(
             "trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
         )
-    image_tokens = image_token_count(cfg.data.max_pixels)
+    image_tokens = family.image_tokens(cfg.data.max_pixels)
     train_ds = to_dataset(train_rows, processor.tokenizer, image_tokens)
     val_ds = to_dataset(val_rows, processor.tokenizer, image_tokens) if val_rows else None
 
@@ -712,7 +719,7 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
-        data_collator=TrainCollator(processor),
+        data_collator=TrainCollator(processor, family.end_of_answer),
         processing_class=processor.tokenizer,
         callbacks=[
             _as_trainer_callback(metrics),

@@ -189,7 +189,8 @@ class Inspector:
             begin = time.perf_counter()
             text, offsets, probs = generate_batch(self._loaded, [messages], self.cfg.eval.max_new_tokens)[0]
             seconds = time.perf_counter() - begin
-        prediction = to_prediction(text, offsets, probs, sample["id"], width, height)
+        frame = self._loaded.answer_frame(self.cfg, width, height)  # the model family's coordinates
+        prediction = to_prediction(text, offsets, probs, sample["id"], width, height, frame=frame)
         return Inspection(
             image=str(image),
             width=width,

@@ -1,4 +1,4 @@
-"""GPU benchmark of Qwen3-VL-32B (random weights): training and generation speed and memory.
+"""GPU benchmark of a 32B model (random weights; Qwen3-VL-32B by default): training and generation speed, memory.
 
 make bench                                   # full run, results to bench/results/<date>-<gpu>.json
 pcbvlm bench --layers 2 --steps 1    # a smoke run of a 2-layer cut of the same width
@@ -6,6 +6,7 @@ pcbvlm bench --layers 8 --plan explore --profile --static-batches 1,128   # the 
 pcbvlm bench --parts int4 --batches 1,32,128 --static-batches 1 --nf4-batches 1 --new-tokens 230
                                              # the quantized model's int4 paths (pcbvlm.int4) vs NF4
 pcbvlm bench --parts int4 --smoke --batches 1,8 --static-batches 1 --new-tokens 8   # on a CPU
+pcbvlm bench --family qwen2_5_vl ...       # the same on Qwen2.5-VL-32B's shape (pcbvlm.families)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-gib", type=float, default=80.0, help="memory cap (80 = an A800 80 GB)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per training setting")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the 32B's 64)")
+    parser.add_argument(
+        "--family", default="qwen3_vl", help="model family whose 32B shape is built (qwen3_vl, qwen2_5_vl)"
+    )
     parser.add_argument("--parts", default="train,generate", help="train, generate or both (comma separated)")
     parser.add_argument("--batches", default="1,32,128,192", help="generation batch sizes")
     parser.add_argument("--new-tokens", type=int, default=170, help="tokens generated per image (forced)")
@@ -55,6 +59,9 @@ def main(argv=None) -> int:
             "the benchmark needs a CUDA GPU (it builds the 32B model on it); --smoke runs on a CPU"
         )
     from pcbvlm.bench import markdown_table, run_benchmark
+    from pcbvlm.families import get_family
+
+    get_family(args.family, "--family")  # one line naming the known families, before any GPU work
 
     gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
     out = args.out or ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{gpu}.json"
@@ -73,6 +80,7 @@ def main(argv=None) -> int:
             layers=args.layers,
             deadline_s=args.deadline_s,
             smoke=args.smoke,
+            family=args.family,
         )
         table = int4_markdown_table(results)
         out.with_suffix(".md").write_text(f"`{command}`\n\n{table}")
@@ -90,6 +98,7 @@ def main(argv=None) -> int:
         plan=args.plan,
         profile=args.profile,
         static_cache_batches=tuple(int(b) for b in args.static_batches.split(",") if b.strip()),
+        family=args.family,
     )
     table = markdown_table(results)
     (out.with_suffix(".md")).write_text(f"`{command}`\n\n{table}")

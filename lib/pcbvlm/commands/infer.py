@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     loaded = load_for_inference(cfg, resolve_model_ref(cfg, args.model))
     messages = build_messages(sample, cfg.data, with_answer=False)
     text, offsets, probs = generate_batch(loaded, [messages], cfg.eval.max_new_tokens)[0]
-    prediction = to_prediction(text, offsets, probs, sample["id"], width, height, sample["classes"])
+    frame = loaded.answer_frame(cfg, width, height)  # the model family's coordinates
+    prediction = to_prediction(text, offsets, probs, sample["id"], width, height, sample["classes"], frame)
     out = args.out or args.image.with_name(f"{args.image.stem}.pred.png")
     result = {
         "image": str(args.image),

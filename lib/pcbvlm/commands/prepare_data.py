@@ -15,9 +15,7 @@ from pcbvlm.datasets import FORMATS, prepare_data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser(
-        "data", "Convert a labelled dataset to Qwen3-VL grounding jsonl (train/val/test + stats)."
-    )
+    parser = make_parser("data", "Convert a labelled dataset to grounding jsonl (train/val/test + stats).")
     parser.add_argument(
         "--format",
         default="deeppcb",

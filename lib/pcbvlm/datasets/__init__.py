@@ -16,7 +16,8 @@ from pcbvlm.config import Config
 from pcbvlm.datasets import coco, deeppcb, voc, yolo
 from pcbvlm.datasets.common import Conversion, DatasetFormat, console_out, print_summary, write_outputs
 from pcbvlm.errors import DataError
-from pcbvlm.samples import CLASSES_PLACEHOLDER, STATS_FILE
+from pcbvlm.families import family_for
+from pcbvlm.samples import CLASSES_PLACEHOLDER, STATS_FILE, set_answers
 
 FORMATS: dict[str, DatasetFormat] = {
     "deeppcb": deeppcb.FORMAT,
@@ -74,6 +75,11 @@ def prepare_data(
             f"{conversion.source}: no sample could be converted "
             f"({', '.join(f'{len(ids)} {reason}' for reason, ids in conversion.skipped.items()) or 'split files are empty'})"
         )
+    # The answers in the configured model family's coordinates (Qwen2.5-VL: resized pixels); training
+    # writes them again for the family it trains (pcbvlm.samples.set_answers).
+    family = family_for(cfg.model.name_or_path, cfg.model.revision)
+    for rows in conversion.samples.values():
+        set_answers(rows, cfg.data, family)
     write_outputs(conversion, cfg.paths.data_dir, cfg)
     console_out(console).print(
         f"wrote {cfg.paths.data_dir}/{{train,val,test}}.jsonl and {STATS_FILE}", markup=False

@@ -14,7 +14,7 @@ from pcbvlm.config import Config
 from pcbvlm.preflight import estimate as est
 from pcbvlm.preflight.estimate import GB, GIB, Estimate
 from pcbvlm.preflight.facts import Facts, GpuFact, job_packages
-from pcbvlm.shapes import ModelShape, count_parameters, is_qwen3_vl_32b, qwen3_vl_32b_shape
+from pcbvlm.shapes import ModelShape, builtin_32b_family, count_parameters
 from pcbvlm.stacks import STACKS, StackError, stack_for_cuda, stack_for_driver
 
 JOBS = ("train", "merge", "quantize", "eval")
@@ -184,8 +184,8 @@ class Report:
 
 
 def model_shape(cfg: Config, facts: Facts) -> tuple[ModelShape | None, str]:
-    """The model's shape from its config.json where on disk, else the built-in 32B shape for a
-    Qwen3-VL-32B hub id; (None, why) when neither."""
+    """The model's shape from its config.json where on disk, else the built-in 32B-class shape of the
+    family whose 32B hub id it is (pcbvlm.families); (None, why) when neither."""
     model = facts.model
     reason = "config.json not on disk"
     if model is not None and model.config is not None:
@@ -193,8 +193,11 @@ def model_shape(cfg: Config, facts: Facts) -> tuple[ModelShape | None, str]:
             return ModelShape.from_config(model.config), f"config.json at {model.path}"
         except (ValueError, TypeError) as err:
             reason = f"config.json at {model.path} unusable ({err})"
-    if is_qwen3_vl_32b(cfg.model.name_or_path):
-        return qwen3_vl_32b_shape(), f"built-in Qwen3-VL-32B shape (pcbvlm.shapes; {reason})"
+    family = builtin_32b_family(cfg.model.name_or_path)
+    if family is not None:
+        shape = ModelShape.from_config(family.config_dict_32b())
+        name = family.hub_id_32b.split("/")[-1].removesuffix("-Instruct")
+        return shape, f"built-in {name} shape (pcbvlm.families; {reason})"
     if model is not None and model.kind == "build-tiny":
         return (
             None,

@@ -46,6 +46,7 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 LORA_PARAM_BYTES = 4
 LORA_GRAD_BYTES = 4
 ADAM_STATE_BYTES = 8
+FULL_GRADIENTS = "gradients (all parameters)"
 # The loss upcasts the bf16 logits to fp32 and log-softmaxes them. Its backward pass holds the bf16
 # logits (half a copy), the saved log-softmax output, its gradient and the gradient of the fp32 logits:
 # 3.5 copies of micro_batch x seq x vocab fp32 values (the measured slope, ~1.7 GiB per 650-token sample
@@ -258,7 +259,7 @@ def estimate_train_vram(
         # Every parameter learns: its gradient (weight dtype) and two fp32 AdamW moments, no adapter.
         items += [
             Item(
-                "gradients (all parameters)",
+                FULL_GRADIENTS,
                 counts.total * act,
                 f"{counts.total / 1e6:.0f} M params, method full",
             ),
@@ -435,6 +436,8 @@ def _parallel_items(
     n = layout.processes
     if layout.kind == "single" or n < 1:
         return items
+    if any(i.name == FULL_GRADIENTS for i in items):
+        return _parallel_full_items(items, layout, shape, counts, act_bytes)
     grads = next(i for i in items if i.name == "LoRA gradients (fp32)")
     if layout.kind == "ddp":
         items = _replace(
@@ -465,18 +468,50 @@ def _parallel_items(
         Item(f"AdamW moments (1/{n})", lora * ADAM_STATE_BYTES / n, "sharded (ZeRO)"),
     )
     if layout.kind == "zero3":
-        weights = [
-            i for i in items if i.name.startswith(("LM decoder linears", "embeddings", "vision tower"))
-        ]
-        for item in weights:
-            items = _replace(
-                items, item.name, Item(f"{item.name} (1/{n})", item.bytes / n, "sharded (ZeRO-3)")
-            )
-        per_layer = sum(a * b for a, b in shape.decoder_linears().values())
-        layer_bytes = per_layer * (NF4_BITS / 8 if quantization == "nf4" else act_bytes)
-        items.append(
-            Item("gathered layers (ZeRO-3)", 2 * layer_bytes, "the current and the prefetched layer")
+        items = _zero3_weights(items, n, shape, NF4_BITS / 8 if quantization == "nf4" else act_bytes)
+    return items
+
+
+def _zero3_weights(items: list[Item], n: int, shape: ModelShape, bytes_per_weight: float) -> list[Item]:
+    """ZeRO-3 shards the stored weights (1/N each) and gathers the layers being computed whole: the current
+    decoder layer and the prefetched next one. "vision tower forward" (activations) stays whole and transient."""
+    weights = [i for i in items if i.name.startswith(("LM decoder linears", "embeddings", "vision tower ("))]
+    for item in weights:
+        items = _replace(items, item.name, Item(f"{item.name} (1/{n})", item.bytes / n, "sharded (ZeRO-3)"))
+    per_layer = sum(a * b for a, b in shape.decoder_linears().values())
+    return items + [
+        Item(
+            "gathered layers (ZeRO-3)",
+            2 * per_layer * bytes_per_weight,
+            "the current and the prefetched layer",
         )
+    ]
+
+
+def _parallel_full_items(
+    items: list[Item], layout: Layout, shape: ModelShape, counts: ParamCounts, act_bytes: int
+) -> list[Item]:
+    """`train.method: full` on several GPUs: every parameter has a gradient (weight dtype) and fp32 moments.
+    ddp keeps all of them on every GPU plus DDP's buckets (a second copy of the gradients); ZeRO-2/3
+    reduce-scatter the gradients and shard the moments and an fp32 master copy; ZeRO-3 the weights too."""
+    n = layout.processes
+    grads = next(i for i in items if i.name == FULL_GRADIENTS)
+    if layout.kind == "ddp":
+        items = _replace(
+            items, grads.name, Item(grads.name, grads.bytes, "alive with the DDP buckets", "static")
+        )
+        return items + [Item("DDP gradient buckets", grads.bytes, "the gradients that NCCL all-reduces")]
+    items = _replace(
+        items, grads.name, Item(f"{grads.name} (1/{n})", grads.bytes / n, "reduce-scattered (ZeRO)")
+    )
+    items = _replace(
+        items,
+        "AdamW moments (fp32 m, v)",
+        Item(f"AdamW moments (1/{n})", counts.total * ADAM_STATE_BYTES / n, "sharded (ZeRO)"),
+        Item(f"fp32 master weights (1/{n})", counts.total * 4 / n, "sharded (ZeRO)"),
+    )
+    if layout.kind == "zero3":
+        items = _zero3_weights(items, n, shape, act_bytes)
     return items
 
 
