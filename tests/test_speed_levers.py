@@ -82,7 +82,7 @@ def test_fused_cross_entropy_chunk_follows_liger():
 
 def test_preflight_counts_uncheckpointed_layers_and_the_fused_loss():
     shape = qwen3_vl_32b_config()
-    base = dict(micro_batch=16, seq_len=718, logit_tokens=231)
+    base = dict(micro_batch=16, seq_len=718, logit_tokens=231, fused_swiglu=False)
     plain = estimate_train_vram(shape, Config(), **base, fused_cross_entropy=False, uncheckpointed_layers=0)
     kept = estimate_train_vram(shape, Config(), **base, fused_cross_entropy=False, uncheckpointed_layers=4)
     fused = estimate_train_vram(shape, Config(), **base, fused_cross_entropy=True, uncheckpointed_layers=0)

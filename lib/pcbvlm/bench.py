@@ -54,6 +54,8 @@ class Setting:
     fused_kernels: bool = False
     uncheckpointed_layers: int = 0
     cast_lora_inputs: bool = False  # peft's default fp32 upcast of adapter inputs (pcbvlm.modeling)
+    fused_lora: bool = False  # LoRA scaling + add in the B matmul's epilogue (pcbvlm.fused_ops)
+    fused_swiglu: bool = False  # Liger's SiLU-multiply kernel in the decoder MLPs (pcbvlm.fused_ops)
     profile: bool = False  # one more step under torch.profiler (run_benchmark(profile=True))
 
 
@@ -287,8 +289,11 @@ def time_training(
     """Seconds per sample, tokens/s and peak memory of `steps` optimizer steps after one warm-up step
     (with `profile`, one more step under torch.profiler: GPU time by kernel family)."""
     from pcbvlm.collator import TrainCollator, keep_answer_logits
+    from pcbvlm.fused_ops import fuse_lora_adds, fuse_swiglu, torch_silu_mul
     from pcbvlm.modeling import apply_lora, decoder_layers
 
+    device = model.device
+    on_gpu = device.type == "cuda"
     fused = FusedKernels(model) if setting.fused_kernels else None
     if fused:
         fused.__enter__()  # undone in the `finally` below, with the adapters
@@ -307,17 +312,21 @@ def time_training(
             uncheckpointed_layers=min(setting.uncheckpointed_layers, len(decoder_layers(model))),
             cast_lora_inputs=setting.cast_lora_inputs,
         )
+    if setting.fused_lora:
+        fuse_lora_adds(peft_model)
+    if setting.fused_swiglu:  # Liger's Triton kernel on the GPU; its PyTorch twin on the CPU dry run
+        fuse_swiglu(model, None if on_gpu else torch_silu_mul)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=on_gpu)
     batch = TrainCollator(processor)([sample] * setting.micro_batch)
     tokens_per_sample = int(batch["attention_mask"][0].sum())
     answer_tokens = int((batch["labels"][0] != -100).sum())
-    batch = {k: v.to("cuda") for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
     if setting.answer_logits:
         batch = keep_answer_logits(batch)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step() -> float:
         loss_value = 0.0
@@ -330,7 +339,7 @@ def time_training(
         optimizer.zero_grad(set_to_none=True)
         return loss_value
 
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     result: dict[str, Any] = {
         "setting": setting.__dict__,
         "tokens_per_sample": tokens_per_sample,
@@ -338,7 +347,7 @@ def time_training(
         "lora_parameters": lora_params,
     }
     try:
-        step()  # warm-up: kernels, allocator
+        result["warmup_loss"] = round(step(), 4)  # warm-up: kernels, allocator (LoRA B = 0: the base's loss)
         _sync()
         begin = time.perf_counter()
         losses = [step() for _ in range(steps)]
@@ -355,11 +364,12 @@ def time_training(
             s_per_sample=round(seconds / samples, 4),
             samples_per_s=round(samples / seconds, 3),
             tokens_per_s=round(samples * tokens_per_sample / seconds, 1),
-            peak_gib=gib(torch.cuda.max_memory_allocated()),
+            peak_gib=_peak_gib(),
             loss=round(losses[-1], 4),
+            losses=[round(v, 4) for v in losses],
         )
     except torch.OutOfMemoryError:
-        result.update(status="out of memory under the cap", peak_gib=gib(torch.cuda.max_memory_allocated()))
+        result.update(status="out of memory under the cap", peak_gib=_peak_gib())
     except Exception as exc:  # one failing setting (e.g. a kernel library) must not end the whole run
         result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:300]}")
         log(traceback.format_exc(limit=12))
@@ -370,8 +380,11 @@ def time_training(
             _downcast(model, torch.bfloat16)
         if fused:
             fused.__exit__(None, None, None)
+        for layer in decoder_layers(model):  # fuse_swiglu's per-instance forward
+            layer.mlp.__dict__.pop("forward", None)
         model.gradient_checkpointing_disable()
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
     log(f"train {setting.name}: {result}")
     return result
 
@@ -473,7 +486,8 @@ def configured_setting(cfg, name: str = "configured") -> Setting:
     fused = t.fused_kernels != "none"  # the benchmark's GPU has liger-kernel: auto means on
     label = (
         f"{name} (mb {t.micro_batch}, answer logits, dropout {cfg.lora.dropout:g}, "
-        f"{'Liger' if fused else 'no fused kernels'}, {t.uncheckpointed_layers} layers uncheckpointed)"
+        f"{'Liger' if fused else 'no fused kernels'}, {t.uncheckpointed_layers} layers uncheckpointed"
+        f"{', fused LoRA adds' if t.fused_lora else ''}{', fused SwiGLU' if fused and t.fused_swiglu else ''})"
     )
     return Setting(
         label,
@@ -483,6 +497,8 @@ def configured_setting(cfg, name: str = "configured") -> Setting:
         gradient_checkpointing=t.gradient_checkpointing,
         fused_kernels=fused,
         uncheckpointed_layers=t.uncheckpointed_layers,
+        fused_lora=t.fused_lora,
+        fused_swiglu=fused and t.fused_swiglu,
         profile=True,
     )
 
@@ -580,6 +596,7 @@ def attach_estimate(result: dict[str, Any], shape, cfg) -> None:
         gradient_checkpointing=setting["gradient_checkpointing"] or setting["naive"],
         uncheckpointed_layers=setting["uncheckpointed_layers"],
         fused_cross_entropy=setting["fused_kernels"],
+        fused_swiglu=setting.get("fused_swiglu", False),
     )
     result["preflight_estimate_gib"] = round(estimate.total_gib, 2)
     result["estimate_error"] = round(estimate.total_gib / result["peak_gib"] - 1, 4)

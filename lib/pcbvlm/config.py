@@ -119,6 +119,12 @@ class TrainConfig(Section):
     # Fused Triton kernels (Liger): RMSNorm, rotary, and a cross-entropy fused with lm_head that never
     # materialises the logits. auto = on a CUDA GPU when liger-kernel is installed; liger = required.
     fused_kernels: Literal["auto", "liger", "none"] = "auto"
+    # With fused kernels on: Liger's SiLU-multiply kernel in the decoder MLPs (one saved activation less
+    # per layer; pcbvlm.fused_ops.fuse_swiglu). Same math within bf16 rounding.
+    fused_swiglu: bool = True
+    # LoRA's scaling and add in the B matmul's epilogue (one addmm instead of peft's copy, multiply and
+    # add; pcbvlm.fused_ops.fuse_lora_adds). Same math; the sum is rounded once instead of twice.
+    fused_lora: bool = True
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(3, gt=0)

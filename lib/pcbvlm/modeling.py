@@ -144,9 +144,11 @@ def apply_lora(
     gradient_checkpointing: bool | None = None,
     uncheckpointed_layers: int | None = None,
     cast_lora_inputs: bool = False,
+    fused_lora: bool = False,
 ):
     """Wrap the model with LoRA adapters; the base stays frozen. `cast_lora_inputs=True` keeps peft's
-    default fp32 upcast of adapter inputs (see keep_lora_inputs_in_compute_dtype)."""
+    default fp32 upcast of adapter inputs (see keep_lora_inputs_in_compute_dtype); `fused_lora=True`
+    adds each adapter's output in its B matmul's epilogue (`pcbvlm.fused_ops.fuse_lora_adds`)."""
     from peft import LoraConfig, get_peft_model
 
     gradient_checkpointing = (
@@ -179,6 +181,10 @@ def apply_lora(
     peft_model = get_peft_model(model, lora)
     if not cast_lora_inputs:
         keep_lora_inputs_in_compute_dtype(peft_model)
+    if fused_lora:
+        from pcbvlm.fused_ops import fuse_lora_adds
+
+        fuse_lora_adds(peft_model)
     return peft_model
 
 
@@ -218,13 +224,19 @@ def use_fused_kernels(cfg: Config, device: str) -> bool:
     return usable
 
 
-def apply_fused_kernels(model, fused_cross_entropy: bool = True) -> None:
+def apply_fused_kernels(model, fused_cross_entropy: bool = True, swiglu: bool = False) -> None:
     """Liger's Triton kernels on the model (its family's patch): RMSNorm and rotary embeddings fused, and
     a cross-entropy fused with lm_head that computes the loss chunk by chunk without materialising the
     logits (same loss: the tiny-model test on a GPU compares it). The rotary patch is module-wide.
     `fused_cross_entropy=False` under DeepSpeed ZeRO-3: the fused loss reads lm_head.weight directly,
-    which ZeRO-3 only gathers inside lm_head's own forward."""
+    which ZeRO-3 only gathers inside lm_head's own forward. `swiglu`: Liger's SiLU-multiply kernel in
+    the decoder MLPs (`pcbvlm.fused_ops.fuse_swiglu`; Liger 0.8.5 accepts the flag for Qwen3-VL but
+    wires nothing)."""
     family_of_model(model).apply_fused_kernels(model, fused_cross_entropy)
+    if swiglu:
+        from pcbvlm.fused_ops import fuse_swiglu
+
+        fuse_swiglu(model)
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -695,11 +695,13 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     set_seed(cfg.train.seed)
     model = load_base_model(cfg, device=device, dtype=dtype, zero3=deepspeed_zero_stage() == 3)
     if fused:
-        apply_fused_kernels(model, fused_cross_entropy=deepspeed_zero_stage() != 3)
+        apply_fused_kernels(
+            model, fused_cross_entropy=deepspeed_zero_stage() != 3, swiglu=cfg.train.fused_swiglu
+        )
     if cfg.train.method == "full":
         enable_full_training(model, cfg)
     else:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, fused_lora=cfg.train.fused_lora)
     trainable, total = trainable_parameters(model)
     if is_main:
         log.info(

@@ -165,19 +165,21 @@ def layer_activation_bytes_per_token(
     attn_implementation: str = "sdpa",
     seq_len: int = 0,
     lora_dropout: float = 0.0,
+    fused_swiglu: bool = False,
 ) -> float:
     """Bytes one decoder layer keeps for its backward pass, per token.
 
     Compute-dtype tensors: 4 x hidden (two norm outputs, two residual sums), 4 x q width (q projection,
     q-norm, rotary and the attention output), 4 x kv width (k projection, k-norm, rotary, v) and
-    4 x intermediate (gate, up, SiLU(gate), their product). With LoRA dropout each adapter input is
+    4 x intermediate (gate, up, SiLU(gate), their product); 3 x intermediate with the fused SwiGLU
+    (train.fused_swiglu: SiLU(gate) is recomputed in its backward, not kept). With LoRA dropout each adapter input is
     kept once more (the dropout output). Eager attention also keeps the heads x seq attention matrix
     (scores and probabilities); SDPA/flash keep none. For the 32B shape: 319 KB per token and layer
     without dropout (275 KB measured on an H200 with Liger's kernels), 438 KB with it (448 measured
     with peft's fp32 adapter inputs).
     """
     h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
-    elements = 4 * h + 4 * q + 4 * kv + 4 * i
+    elements = 4 * h + 4 * q + 4 * kv + (3 if fused_swiglu else 4) * i
     lora_inputs = sum(fan_in for name, (fan_in, _) in shape.decoder_linears().items() if name in targets)
     lora_bytes = lora_inputs * act_bytes if lora_dropout > 0 else 0
     attn = 2 * shape.num_heads * seq_len * act_bytes if attn_implementation == "eager" else 0
@@ -214,6 +216,7 @@ def estimate_train_vram(
     uncheckpointed_layers: int | None = None,
     fused_cross_entropy: bool | None = None,
     layout: Layout | None = None,
+    fused_swiglu: bool | None = None,
 ) -> Estimate:
     """Peak GPU memory of one QLoRA/LoRA training step, per GPU.
 
@@ -229,7 +232,9 @@ def estimate_train_vram(
     hidden state per layer is held and one layer is recomputed at a time, without it every layer's
     activations are held (with train.uncheckpointed_layers, those layers hold theirs); the fp32
     logits/loss (`LOGITS_FP32_COPIES`), or with Liger's fused cross-entropy (train.fused_kernels) only
-    one chunk of them; the vision tower's forward buffers; and the margin.
+    one chunk of them; the vision tower's forward buffers; and the margin. `fused_swiglu` (default:
+    train.fused_swiglu where Liger's kernels are expected) keeps one intermediate-wide tensor less per
+    token and layer.
 
     `layout` (default: the one `train.accelerate_profile` names, `layout_of`): several processes, one GPU
     each, change the static terms only (each GPU runs its own micro-batch): see `_parallel_items`.
@@ -281,7 +286,11 @@ def estimate_train_vram(
             ),
             Item("AdamW moments (fp32 m, v)", lora * ADAM_STATE_BYTES, "8 B per LoRA param"),
         ]
-    per_token_layer = layer_activation_bytes_per_token(shape, act, targets, attn, seq, cfg.lora.dropout)
+    if fused_swiglu is None:
+        fused_swiglu = cfg.train.fused_swiglu and fused_kernels_expected(cfg)
+    per_token_layer = layer_activation_bytes_per_token(
+        shape, act, targets, attn, seq, cfg.lora.dropout, fused_swiglu=fused_swiglu
+    )
     keep = min(
         uncheckpointed_layers if uncheckpointed_layers is not None else cfg.train.uncheckpointed_layers,
         shape.num_layers,

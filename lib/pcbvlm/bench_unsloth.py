@@ -1,0 +1,416 @@
+"""Unsloth side by side with this project's training, on the same work (issue 20).
+
+Three steps, each its own process (`jobs/bench_unsloth.py`), because `import unsloth` patches
+transformers, peft and bitsandbytes for the whole process (it must come before them) and would change
+what this project's rows measure:
+
+1. `checkpoint`: the Qwen3-VL-32B shape (`pcbvlm.shapes`, optionally cut to fewer decoder layers of the
+   same width) with random weights, saved in bf16 with the benchmark processor, because Unsloth's
+   loader (`FastVisionModel.from_pretrained`) takes a folder. Both sides load this same folder.
+2. `unsloth`: Unsloth's recommended QLoRA setup for vision models: `FastVisionModel.from_pretrained(...,
+   load_in_4bit=True, use_gradient_checkpointing="unsloth")` (its NF4 quantization, its patched
+   modules and kernels), `FastVisionModel.get_peft_model` with LoRA r/alpha/dropout from the config on
+   the language model's attention and MLP linears (the vision tower frozen, as here), its offloaded
+   gradient checkpointing, `FastVisionModel.for_training`.
+3. `ours`: the project's own loader (`pcbvlm.modeling.load_base_model`: NF4 + double quantization,
+   vision tower and lm_head bf16) and the settings of `pcbvlm.bench.time_training`.
+
+The batch is the same on both sides: `pcbvlm.collator.TrainCollator` on the benchmark sample (a
+640x640 board, 7 boxes), bf16 autocast, fused AdamW; timed: `steps` optimizer steps after one warm-up
+step, under the same memory cap. Each row is written to the results JSON before the next starts.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcbvlm.bench import (
+    NAIVE,
+    Setting,
+    _peak_gib,
+    _reset_peak,
+    _sync,
+    _write,
+    benchmark_model_config,
+    benchmark_processor,
+    benchmark_sample,
+    build_random_model,
+    configured_setting,
+    time_training,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _config():
+    from pcbvlm.config import load_config
+
+    return load_config(ROOT / "config" / "config.yaml")
+
+
+def _cap(cap_gib: float) -> None:
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+
+
+def save_random_checkpoint(path: Path, layers: int | None, narrow: bool = False, cfg=None) -> dict[str, Any]:
+    """The 32B shape (or `layers` decoder layers of it) with random bf16 weights, saved with the benchmark
+    processor; `narrow` makes a tiny-width model of the same structure (the CPU dry run)."""
+    cfg = cfg or _config()
+    processor = benchmark_processor(cfg.data.max_pixels)
+    config = benchmark_model_config(processor.tokenizer, layers)
+    if narrow:
+        from pcbvlm.bench import smoke_config
+
+        wide, config = config, smoke_config(layers or 2)
+        for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id"):
+            setattr(config, key, getattr(wide, key))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    begin = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_random_model(config, quantize=False, device=device)
+    built = time.perf_counter() - begin
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp)
+    # Part by part, as pcbvlm.tiny saves its model (the processor has no video processor to save).
+    processor.tokenizer.save_pretrained(tmp)
+    processor.image_processor.save_pretrained(tmp)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    parameters = sum(p.numel() for p in model.parameters())
+    info = {
+        "checkpoint": str(path),
+        "layers": config.text_config.num_hidden_layers,
+        "parameters": parameters,
+        "build_s": round(built, 1),
+        "save_s": round(time.perf_counter() - begin - built, 1),
+    }
+    _log(f"checkpoint: {info}")
+    return info
+
+
+def _batch(processor, sample, micro_batch: int, device) -> tuple[dict[str, torch.Tensor], int, int]:
+    from pcbvlm.collator import TrainCollator
+
+    batch = TrainCollator(processor)([sample] * micro_batch)
+    tokens = int(batch["attention_mask"][0].sum())
+    answer = int((batch["labels"][0] != -100).sum())
+    return {k: v.to(device) for k, v in batch.items()}, tokens, answer
+
+
+def time_steps(model, batch, micro_batch: int, steps: int, result: dict[str, Any]) -> None:
+    """One warm-up step, then `steps` timed optimizer steps (bf16 autocast, fused AdamW on a GPU);
+    fills `result` with s/sample, peak memory and losses."""
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["lora_parameters"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step() -> float:
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    _reset_peak()
+    try:
+        result["warmup_loss"] = round(step(), 4)
+        _sync()
+        begin = time.perf_counter()
+        losses = [step() for _ in range(steps)]
+        _sync()
+        seconds = time.perf_counter() - begin
+        samples = steps * micro_batch
+        result.update(
+            status="ok",
+            s_per_sample=round(seconds / samples, 4),
+            samples_per_s=round(samples / seconds, 3),
+            tokens_per_s=round(samples * result["tokens_per_sample"] / seconds, 1),
+            peak_gib=_peak_gib(),
+            loss=round(losses[-1], 4),
+            losses=[round(v, 4) for v in losses],
+        )
+    except torch.OutOfMemoryError:
+        result.update(status="out of memory under the cap", peak_gib=_peak_gib())
+    except Exception as exc:
+        result.update(status=f"failed: {type(exc).__name__}: {str(exc)[:500]}")
+        _log(traceback.format_exc(limit=20))
+    finally:
+        optimizer.state.clear()
+
+
+def run_unsloth(
+    out_path: Path,
+    checkpoint: Path,
+    steps: int,
+    micro_batches: tuple[int, ...],
+    cap_gib: float,
+    load_in_4bit: bool = True,
+    cfg=None,
+    import_s: float | None = None,
+) -> dict[str, Any]:
+    """Unsloth's rows (see the module docstring); every failure is recorded with its error."""
+    results: dict[str, Any] = {"side": "unsloth", "checkpoint": str(checkpoint), "train": []}
+    begin = time.perf_counter()
+    try:
+        import unsloth  # noqa: F401  (first: it patches transformers/peft/bitsandbytes on import)
+        from unsloth import FastVisionModel
+    except Exception as exc:
+        results["status"] = f"import failed: {type(exc).__name__}: {str(exc)[:800]}"
+        _log(traceback.format_exc(limit=20))
+        _write(out_path, results)
+        return results
+    results["unsloth"] = getattr(unsloth, "__version__", "?")
+    # `import unsloth` happens in the job before anything imports transformers: its time comes from there.
+    results["import_s"] = import_s if import_s is not None else round(time.perf_counter() - begin, 1)
+    _log(f"unsloth {results['unsloth']} imported in {results['import_s']} s")
+    _cap(cap_gib)
+    cfg = cfg or _config()
+    try:
+        begin = time.perf_counter()
+        model, _ = FastVisionModel.from_pretrained(
+            str(checkpoint),
+            load_in_4bit=load_in_4bit,
+            dtype=torch.bfloat16 if torch.cuda.is_available() else None,
+            use_gradient_checkpointing="unsloth",
+            use_exact_model_name=True,
+        )
+        model = FastVisionModel.get_peft_model(
+            model,
+            finetune_vision_layers=False,
+            finetune_language_layers=True,
+            finetune_attention_modules=True,
+            finetune_mlp_modules=True,
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            bias="none",
+            random_state=0,
+            use_gradient_checkpointing="unsloth",
+            target_modules=list(cfg.lora.target_modules),
+        )
+        FastVisionModel.for_training(model)
+        results["load_s"] = round(time.perf_counter() - begin, 1)
+        results["model_gib"] = _peak_gib()
+        adapted = sorted({n.split(".")[-2] for n, _ in model.named_parameters() if "lora_A" in n})
+        results["adapted_module_names"] = adapted[:20]
+        _log(f"unsloth model ready in {results['load_s']} s; adapters on {adapted[:10]}")
+    except Exception as exc:
+        results["status"] = f"load failed: {type(exc).__name__}: {str(exc)[:800]}"
+        _log(traceback.format_exc(limit=25))
+        _write(out_path, results)
+        return results
+    _write(out_path, results)
+    processor = benchmark_processor(cfg.data.max_pixels)
+    sample = benchmark_sample(checkpoint, cfg)  # the board image beside the checkpoint, not in the results
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    for micro_batch in micro_batches:
+        batch, tokens, answer = _batch(processor, sample, micro_batch, device)
+        result: dict[str, Any] = {
+            "setting": {
+                "name": f"Unsloth {results['unsloth']} (FastVisionModel, 4-bit {load_in_4bit}, "
+                f'gradient checkpointing "unsloth", mb {micro_batch})',
+                "micro_batch": micro_batch,
+                "grad_accum": 1,
+            },
+            "tokens_per_sample": tokens,
+            "answer_tokens": answer,
+        }
+        time_steps(model, batch, micro_batch, steps, result)
+        _log(f"train {result['setting']['name']}: {result}")
+        results["train"].append(result)
+        _write(out_path, results)
+        del batch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    results["status"] = "ok"
+    _write(out_path, results)
+    return results
+
+
+def side_by_side_plan(cfg, layers: int) -> list[Setting]:
+    """This project's rows next to Unsloth's: the configured setting as merged (issue 9), the same with
+    this issue's levers, the levers with every layer checkpointed (the memory Unsloth's offloaded
+    checkpointing competes with), and the naive baseline. The configured 10 uncheckpointed layers of 64
+    are scaled to the cut (`layers * 10 / 64`, rounded down), so that the share of layers that skip
+    recomputation stays the 64-layer model's."""
+    main = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"fused_lora": False, "fused_swiglu": False})}
+    )
+    configured = configured_setting(main, "configured (main)")
+    keep = min(configured.uncheckpointed_layers, configured.uncheckpointed_layers * layers // 64)
+    configured.uncheckpointed_layers = keep
+    configured.name = configured.name.replace(
+        f"{cfg.train.uncheckpointed_layers} layers uncheckpointed",
+        f"{keep} of {layers} layers uncheckpointed",
+    )
+    configured.profile = True  # where the step goes, before and after the levers
+    mb = configured.micro_batch
+    common = dict(lora_dropout=cfg.lora.dropout, fused_kernels=configured.fused_kernels)
+    return [
+        configured,
+        Setting(
+            f"+ fused LoRA adds + fused SwiGLU, {keep} of {layers} uncheckpointed",
+            mb,
+            uncheckpointed_layers=keep,
+            fused_lora=True,
+            fused_swiglu=True,
+            profile=True,
+            **common,
+        ),
+        NAIVE,
+        Setting(
+            f"+ fused LoRA adds only, {keep} of {layers} uncheckpointed",
+            mb,
+            uncheckpointed_layers=keep,
+            fused_lora=True,
+            **common,
+        ),
+        Setting(
+            "+ fused LoRA adds + fused SwiGLU, all layers checkpointed",
+            mb,
+            fused_lora=True,
+            fused_swiglu=True,
+            **common,
+        ),
+    ]
+
+
+def run_ours(
+    out_path: Path,
+    checkpoint: Path,
+    steps: int,
+    cap_gib: float,
+    deadline_s: float | None = None,
+    cfg=None,
+) -> dict[str, Any]:
+    """This project's rows on the saved checkpoint, loaded the way training loads a model."""
+    from pcbvlm.modeling import decoder_layers, load_base_model
+
+    started = time.perf_counter()
+    cfg = cfg or _config()
+    on_gpu = torch.cuda.is_available()
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(
+                update={"name_or_path": str(checkpoint), "build_tiny_if_missing": False}
+            ),
+            "train": cfg.train.model_copy(
+                update={
+                    "quantization": "nf4" if on_gpu else "none",
+                    "fused_kernels": cfg.train.fused_kernels if on_gpu else "none",
+                }
+            ),
+        }
+    )
+    _cap(cap_gib)
+    begin = time.perf_counter()
+    model = load_base_model(cfg, dtype=torch.bfloat16)
+    results: dict[str, Any] = {
+        "side": "pcbvlm",
+        "checkpoint": str(checkpoint),
+        "load_s": round(time.perf_counter() - begin, 1),
+        "model_gib": _peak_gib(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+        "cap_gib": cap_gib,
+        "train": [],
+    }
+    _log(f"our model loaded in {results['load_s']} s")
+    processor = benchmark_processor(cfg.data.max_pixels)
+    sample = benchmark_sample(checkpoint, cfg)  # the board image beside the checkpoint, not in the results
+    layers = len(decoder_layers(model))
+    results["layers"] = layers
+    for setting in side_by_side_plan(cfg, layers):
+        if deadline_s is not None and time.perf_counter() - started > deadline_s:
+            results["train"].append({"setting": setting.__dict__, "status": "skipped: deadline"})
+            continue
+        torch.manual_seed(0)
+        result = time_training(model, cfg, processor, sample, setting, steps, _log, profile=setting.profile)
+        results["train"].append(result)
+        _write(out_path, results)
+    ok = [r for r in results["train"] if r.get("status") == "ok"]
+    naive = next((r for r in ok if r["setting"].get("naive")), None)
+    if naive:
+        for r in ok:
+            r["speedup_vs_naive"] = round(naive["s_per_sample"] / r["s_per_sample"], 2)
+    _write(out_path, results)
+    return results
+
+
+def markdown_table(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
+    """One table of both sides' rows (s/sample, samples/s, peak GiB, losses, vs naive, vs Unsloth)."""
+    rows = [*(theirs or {}).get("train", []), *(ours or {}).get("train", [])]
+    unsloth = next((r for r in (theirs or {}).get("train", []) if r.get("status") == "ok"), None)
+    lines = [
+        "| training setting | s/sample | samples/s | peak GiB | loss: warm-up -> last | vs naive | vs Unsloth |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = r["setting"]["name"]
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')} | | {r.get('peak_gib', '')} | | | |")
+            continue
+        versus = f"{unsloth['s_per_sample'] / r['s_per_sample']:.2f}x" if unsloth else "-"
+        naive = f"{r['speedup_vs_naive']}x" if "speedup_vs_naive" in r else "-"
+        lines.append(
+            f"| {name} | {r['s_per_sample']} | {r['samples_per_s']} | {r['peak_gib']} | "
+            f"{r.get('warmup_loss')} -> {r['loss']} | {naive} | {versus} |"
+        )
+    if theirs and theirs.get("status") not in (None, "ok"):
+        lines.append(f"\nUnsloth: {theirs['status']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path) -> Path:
+    """Bars of s/sample (left) and peak GiB (right) for every measured row of both sides."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pcbvlm.io import atomic_write_bytes
+
+    rows = [
+        r
+        for r in [*(theirs or {}).get("train", []), *(ours or {}).get("train", [])]
+        if r.get("status") == "ok"
+    ]
+    fig = Figure(figsize=(12, 0.55 * max(len(rows), 2) + 1.6), dpi=100)
+    FigureCanvasAgg(fig)
+    speed, memory = fig.subplots(1, 2, sharey=True)
+    # long names shortened in the middle, so that rows differing only at the end stay apart
+    names = [n if len(n) <= 64 else f"{n[:46]}...{n[-15:]}" for n in (r["setting"]["name"] for r in rows)]
+    colors = ["tab:orange" if r["setting"]["name"].startswith("Unsloth") else "tab:blue" for r in rows]
+    speed.barh(names, [r["s_per_sample"] for r in rows], color=colors)
+    memory.barh(names, [r["peak_gib"] or 0 for r in rows], color=colors)
+    speed.set_xlabel("s / sample (lower is faster)")
+    memory.set_xlabel("peak GiB")
+    speed.invert_yaxis()
+    layers = (ours or {}).get("layers")
+    fig.suptitle(
+        f"Training step, Qwen3-VL-32B shape{f' cut to {layers} decoder layers' if layers else ''}, "
+        "random weights, same batch; orange: Unsloth"
+    )
+    for ax in (speed, memory):
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())

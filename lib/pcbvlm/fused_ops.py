@@ -1,0 +1,115 @@
+"""Two speed levers for the training step, both on the elementwise work around the matmuls (BENCHMARKS.md).
+
+`fuse_lora_adds`: peft computes every adapted linear as `result = base(x).clone(); result = result +
+lora_B(lora_A(x)) * scaling` (the clone only on 4-bit layers): a full-size copy, a scaling and an add
+after the B matmul, three passes over a tensor as large as the layer's output, seven linears per layer.
+`torch.addmm(result, a, B^T, alpha=scaling)` does the scaling and the add in the B matmul's epilogue
+(cuBLAS), and needs no copy: one pass instead of three. Same math; in bf16 the sum is rounded once
+instead of after each step. Unsloth does the same (`matmul_lora`'s `addmm_`).
+
+`fuse_swiglu`: Qwen3-VL's MLP computes `down(silu(gate(x)) * up(x))` with separate SiLU and multiply
+kernels, and autograd keeps `silu(gate)` as well as `gate` and `up` for the backward. Liger's
+`LigerSiLUMulFunction` (liger-kernel 0.8.5, whose `apply_liger_kernel_to_qwen3_vl(swiglu=...)` accepts the
+flag but wires nothing) does both in one Triton kernel, keeps only `gate` and `up`, and recomputes the
+SiLU in its fused backward: one 25600-wide tensor less per token and layer (51 KB in bf16).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+
+
+def _plain_lora_layer(layer, args: tuple, kwargs: dict) -> bool:
+    """Whether `layer` is in the state the fused path handles: adapters on, unmerged, vanilla LoRA (no
+    DoRA or other variant, no LoRA bias), no extra forward arguments (mixed-batch adapter names) and
+    no ZeRO-3-partitioned adapter weights."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    # DeepSpeed ZeRO-3 partitions parameters (they carry `ds_id`) and gathers a weight only inside its
+    # own module's forward: the addmm reads lora_B.weight directly, so it would see an empty shard.
+    if any(hasattr(layer.lora_B[a].weight, "ds_id") for a in layer.active_adapters if a in layer.lora_B):
+        return False
+    if getattr(layer, "lora_variant", None) and any(a in layer.lora_variant for a in layer.active_adapters):
+        return False
+    return not any(getattr(layer, "lora_bias", {}).get(a, False) for a in layer.active_adapters)
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not _plain_lora_layer(self, args, kwargs):
+        return self.pcbvlm_unfused_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    shape = result.shape
+    result = result.reshape(-1, shape[-1])
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        adapter_input = self.lora_dropout[name](x)
+        if self.cast_input_dtype_enabled and not torch.is_autocast_enabled(x.device.type):
+            adapter_input = adapter_input.to(lora_a.weight.dtype)
+        down = lora_a(adapter_input)
+        down = down.reshape(-1, down.shape[-1]).to(result.dtype)
+        # result + scaling * (down @ B^T) in one GEMM: the scaling and the add run in its epilogue.
+        result = torch.addmm(result, down, lora_b.weight.to(result.dtype).t(), alpha=self.scaling[name])
+    return result.view(shape)
+
+
+def fuse_lora_adds(model) -> int:
+    """Route every LoRA linear of `model` (peft's plain and bitsandbytes-4-bit layers) through one
+    `addmm` per adapter (see the module docstring); a layer in another state (merged, DoRA, disabled
+    adapters, mixed-batch adapter names) falls back to peft's own forward. The binding is per instance:
+    `unload()`/`merge_and_unload()` drop it with the LoRA layers. Returns how many layers were switched."""
+    from peft.tuners.lora import LoraLayer
+
+    switched = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        if "pcbvlm_unfused_forward" in module.__dict__:
+            continue
+        module.pcbvlm_unfused_forward = module.forward
+        module.forward = types.MethodType(_fused_lora_forward, module)
+        switched += 1
+    return switched
+
+
+def unfuse_lora_adds(model) -> None:
+    """Undo `fuse_lora_adds` (the benchmark measures several settings on one model)."""
+    for module in model.modules():
+        if "pcbvlm_unfused_forward" in module.__dict__:
+            module.forward = module.__dict__.pop("pcbvlm_unfused_forward")
+
+
+def torch_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """What Liger's kernel computes, in plain PyTorch (the CPU stand-in, and the tests' reference)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def liger_silu_mul() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from liger_kernel.ops import LigerSiLUMulFunction
+
+    return LigerSiLUMulFunction.apply
+
+
+def fuse_swiglu(model, silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> int:
+    """Bind a SwiGLU forward (`down(silu_mul(gate(x), up(x)))`, Liger's fused kernel by default) to every
+    decoder MLP of a Qwen3-VL model; the adapters inside gate/up/down stay as they are. Returns how many
+    MLPs were switched. Per instance, so removing the instance `forward` undoes it."""
+    from pcbvlm.modeling import decoder_layers
+
+    silu_mul = silu_mul or liger_silu_mul()
+    switched = 0
+    for layer in decoder_layers(model):
+        mlp = layer.mlp
+        if getattr(mlp.config, "hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"fuse_swiglu: activation {mlp.config.hidden_act} is not SiLU")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+        mlp.forward = types.MethodType(forward, mlp)
+        switched += 1
+    return switched
