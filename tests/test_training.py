@@ -33,6 +33,7 @@ from pcbvlm.runs import (
     plan_run,
     run_lock_holder,
 )
+from pcbvlm.training import allow_indexed_cpu_map_location
 
 TINY = ROOT / "config" / "tiny.yaml"
 
@@ -525,6 +526,55 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(
     adapter_one, adapter_two = _adapter(one_run), _adapter(run_dir)
     for key in adapter_one:
         torch.testing.assert_close(adapter_two[key], adapter_one[key], rtol=1e-3, atol=1e-5)
+
+
+def test_a_two_process_run_resumes_at_its_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
+    """2 gloo processes (cpu-multi) train 2 steps and checkpoint; resumed to 4 steps, every rank loads the
+    checkpoint's optimizer state (accelerate calls each CPU rank's device `cpu:0`, which torch.load could
+    not map to, so this resume used to fail) and the step count continues at 3."""
+    runs = tmp_path / "runs"
+    steps = dict(save_steps=2, eval_steps=100, group_by_length="false")
+    first = _launch(
+        "--config",
+        str(TINY),
+        "--profile",
+        "cpu-multi",
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, max_steps=2, **steps),
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = _single_run(runs)
+    resumed = _launch(
+        "--config",
+        str(TINY),
+        "--profile",
+        "cpu-multi",
+        "--resume",
+        str(run_dir),
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, runs, max_steps=4, **steps),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run_dir.name} from checkpoint-2 (step 2)" in resumed.stdout
+    logged = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert logged == [1, 2, 3, 4]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["global_step"] == 4
+    assert manifest["resumed_from"].endswith("checkpoint-2")
+    assert manifest["launch"]["processes"] == 2
+    assert (run_dir / "checkpoint-4" / "optimizer.pt").is_file()
+
+
+def test_an_indexed_cpu_location_loads_onto_the_cpu(tmp_path):
+    """torch.load(map_location="cpu:0"), as the Trainer resumes a multi-process CPU run, loads onto the CPU."""
+    path = tmp_path / "t.pt"
+    torch.save({"m": torch.arange(3.0)}, path)
+    allow_indexed_cpu_map_location()
+    loaded = torch.load(path, map_location="cpu:0", weights_only=True)
+    assert loaded["m"].device.type == "cpu"
+    assert loaded["m"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_the_launcher_returns_the_jobs_exit_code_without_a_traceback(tmp_path):

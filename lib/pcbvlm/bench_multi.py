@@ -18,14 +18,15 @@ the memory cap, and then:
 Each rank writes its own part (`<out>.<profile>.rank<N>.json`): after an out-of-memory error, ranks may
 not be able to agree on anything, so the driver merges the parts.
 
-ZeRO-3: the 4-bit weights are stored in bf16 elements (`quant_storage`, as `pcbvlm.modeling` does) so that
-DeepSpeed can shard them, and Liger's fused cross-entropy is off (it reads lm_head's weight outside
+ZeRO-3: the model is built before the Accelerator (so outside `deepspeed.zero.Init`), the 4-bit weights
+are stored in bf16 elements (`quant_storage`, as `pcbvlm.modeling` does) so that DeepSpeed can shard them, and Liger's fused cross-entropy is off (it reads lm_head's weight outside
 lm_head's forward, where ZeRO-3 has not gathered it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -84,6 +85,7 @@ def time_distributed(
     )
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    lora_parameters = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     if zero_stage is not None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -113,7 +115,7 @@ def time_distributed(
         "setting": setting.__dict__,
         "processes": world,
         "zero_stage": zero_stage,
-        "lora_parameters": sum(p.numel() for p in params),
+        "lora_parameters": lora_parameters,
     }
     batch = make_batch(setting.micro_batch)
     result["tokens_per_sample"] = int(batch["attention_mask"][0].sum())
@@ -187,7 +189,7 @@ def worker(
     tiny: bool = False,
 ) -> dict[str, Any]:
     """One process of a profile's launch: build the model, time, write `<out_prefix>.<profile>.rank<N>.json`."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
     from pcbvlm.bench import (
         benchmark_model_config,
@@ -203,14 +205,9 @@ def worker(
     from pcbvlm.launch import ROOT
     from pcbvlm.training import deepspeed_zero_stage
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
     zero_stage = deepspeed_zero_stage()
-
-    def log(message: str) -> None:
-        print(f"[{profile} rank {rank}/{world}] {message}", flush=True)
-
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     cfg = load_config(ROOT / "config" / "config.yaml")
     processor = benchmark_processor(cfg.data.max_pixels)
     if tiny:  # a CPU rehearsal of the whole flow with the tiny model's shape
@@ -221,11 +218,18 @@ def worker(
             config.text_config.num_hidden_layers = layers
     else:
         config = benchmark_model_config(processor.tokenizer, layers)
-    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same random weights on every rank (DDP and DeepSpeed broadcast rank 0's)
     begin = time.perf_counter()
+    # Built before the Accelerator exists: under a ZeRO-3 profile, `Accelerator()` makes transformers
+    # build every sub-model made by `from_config` (Qwen3-VL's vision tower and language model) inside
+    # `deepspeed.zero.Init`, which leaves each parameter an empty shard, and the NF4 quantization that
+    # follows then launches bitsandbytes kernels on empty weights (`invalid argument` at ops.cu:74, the
+    # first ZeRO-3 attempt). accelerate's `zero3_init_context_manager(enable=False)` does not help
+    # (accelerate 1.15 re-registers the same stage-3 config). The training job is not affected:
+    # `from_pretrained` with a quantization config never uses `zero.Init`; like it, the benchmark
+    # builds the whole model on every rank and `accelerator.prepare` (DeepSpeed) partitions it.
     model = build_random_model(
         config,
         dtype=torch.bfloat16 if cuda else torch.float32,
@@ -233,6 +237,16 @@ def worker(
         device=device,
         quant_storage=torch.bfloat16 if zero_stage == 3 else torch.uint8,
     )
+    # The process group first (gloo on the CPU, as the training job does), then the Accelerator with
+    # the profile's DeepSpeed plugin: `Accelerator(cpu=True)` would drop the plugin.
+    PartialState(cpu=not cuda)
+    accelerator = Accelerator()
+    assert accelerator.device.type == device.type and (not cuda or accelerator.device == device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def log(message: str) -> None:
+        print(f"[{profile} rank {rank}/{world}] {message}", flush=True)
+
     build_s = time.perf_counter() - begin
     weights_gib = gib(torch.cuda.memory_allocated(device)) if cuda else None
     log(f"built the model in {build_s:.0f} s ({weights_gib} GiB)")
@@ -352,3 +366,82 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{e['largest_micro_batch_fitting']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def profile_rows(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measured setting of merged results documents (`merge_parts`; a document may also map
+    names to such documents): label, layers, processes, samples/s, peak GiB per GPU. Each document's 1-GPU
+    baseline comes first, then its profiles that ran."""
+    rows: list[dict[str, Any]] = []
+    for doc in documents:
+        if "profiles" not in doc:  # several merged documents under their names
+            rows += profile_rows([d for d in doc.values() if isinstance(d, dict)])
+            continue
+        single = doc.get("single_gpu")
+        if single:
+            ran = [p for p, e in doc["profiles"].items() if e.get("status") == "ok"]
+            rows.append(
+                {
+                    "label": f"1 GPU ({ran[0]} run)" if ran else "1 GPU",
+                    "layers": single["layers"],
+                    "processes": 1,
+                    "samples_per_s": single["samples_per_s"],
+                    "peak_gib": single["peak_gib"],
+                }
+            )
+        for profile, entry in doc["profiles"].items():
+            if entry.get("status") != "ok":
+                continue
+            rows.append(
+                {
+                    "label": f"{profile}, {entry['processes']} GPUs",
+                    "layers": entry["layers"],
+                    "processes": entry["processes"],
+                    "samples_per_s": entry["samples_per_s"],
+                    "peak_gib": max(entry["peak_gib_per_gpu"]),
+                }
+            )
+    return rows
+
+
+def plot_profiles(rows: list[dict[str, Any]], out: Path, cap_gib: float = 80.0) -> Path:
+    """Samples/s and peak GiB per GPU of each row (`profile_rows`), the cap drawn; rows of a cut model
+    (fewer layers than the most in `rows`) are hatched and labelled: their figures do not compare."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no measured profile to plot")
+    full = max(r["layers"] for r in rows)
+    labels = [r["label"] + ("" if r["layers"] == full else f"\n({r['layers']}-layer cut)") for r in rows]
+    colors = ["#7f7f7f" if r["processes"] == 1 else "#1f77b4" for r in rows]
+    hatches = ["" if r["layers"] == full else "//" for r in rows]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, key, title in (
+        (speed, "samples_per_s", "samples/s (all GPUs)"),
+        (memory, "peak_gib", "peak GiB per GPU"),
+    ):
+        bars = ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+        for bar, hatch, row in zip(bars, hatches, rows, strict=True):
+            bar.set_hatch(hatch)
+            ax.annotate(
+                f"{row[key]:g}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+            )
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    memory.axhline(cap_gib, color="#d62728", linestyle="--", label=f"cap {cap_gib:g} GiB")
+    memory.set_ylim(0, cap_gib * 1.15)
+    memory.legend(loc="upper left")
+    fig.suptitle(f"QLoRA on the Qwen3-VL-32B shape ({full} layers unless marked), micro-batch 16 per GPU")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -454,6 +454,26 @@ def answer_logits_trainer():
     return AnswerLogitsTrainer
 
 
+def _restore_indexed_cpu(obj, location: str):
+    return obj if location.startswith("cpu:") else None
+
+
+def allow_indexed_cpu_map_location() -> None:
+    """Let `torch.load(..., map_location="cpu:0")` load onto the CPU.
+
+    Several CPU processes (gloo) get the device `cpu:0` from accelerate, and on resume the Trainer loads
+    the optimizer state with `map_location=args.device`, which torch cannot restore to ("don't know how
+    to restore data location ... (tagged with cpu:0)"): resuming a `cpu-multi` run failed. An indexed
+    CPU location is the CPU. Registered once per process (torch keeps a list of location handlers)."""
+    global _INDEXED_CPU_REGISTERED
+    if not _INDEXED_CPU_REGISTERED:
+        torch.serialization.register_package(100, lambda obj: None, _restore_indexed_cpu)
+        _INDEXED_CPU_REGISTERED = True
+
+
+_INDEXED_CPU_REGISTERED = False
+
+
 def deepspeed_zero_stage() -> int | None:
     """ZeRO stage when launched by accelerate with a DeepSpeed config, else None."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -607,6 +627,8 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     device = resolve_device(cfg)
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
     state = PartialState(cpu=device == "cpu")
+    if state.device.type == "cpu" and state.device.index is not None:
+        allow_indexed_cpu_map_location()
     is_main = state.is_main_process
     launch = launch_facts(state, device)
     if is_main:

@@ -2,6 +2,7 @@
 
 pcbvlm bench-multi --profiles ddp,zero2,zero3 --steps 3       # 2 GPUs, 64 layers
 pcbvlm bench-multi --profiles cpu-multi --tiny --steps 1      # a CPU rehearsal (gloo)
+pcbvlm bench-multi --plot A.json B.json --out profiles.png   # a picture of results files
 
 Each profile is one `accelerate launch --config_file config/accelerate/<profile>.yaml` of this script with
 --worker (pcbvlm.bench_multi says what each process measures); the first profile also measures the
@@ -10,6 +11,7 @@ Each profile is one `accelerate launch --config_file config/accelerate/<profile>
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -42,11 +44,24 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the 1-GPU baseline")
     parser.add_argument("--tiny", action="store_true", help="the tiny model's shape (CPU rehearsal)")
+    parser.add_argument(
+        "--plot", type=Path, nargs="+", metavar="JSON", help="only draw these results files into --out (.png)"
+    )
     parser.add_argument("--worker", help=argparse_hidden())
     parser.add_argument("--single", action="store_true", help=argparse_hidden())
     args = parser.parse_args(argv)
     command = shlex.join(["pcbvlm", "bench-multi", *(sys.argv[1:] if argv is None else argv)])
     search = [int(b) for b in args.search.split(",") if b.strip()]
+
+    if args.plot:
+        from pcbvlm.bench_multi import plot_profiles, profile_rows
+        from pcbvlm.errors import ConfigError
+
+        if not args.out or args.out.suffix != ".png":
+            raise ConfigError("--plot needs --out FILE.png")
+        rows = profile_rows([json.loads(path.read_text()) for path in args.plot])
+        print(f"wrote {plot_profiles(rows, args.out, args.cap_gib)}")
+        return 0
 
     if args.worker:
         from pcbvlm.bench_multi import worker
@@ -102,8 +117,7 @@ def main(argv=None) -> int:
         try:
             code = proc.wait(timeout=timeout_for.get(profile, args.timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop_launch(proc)
             code = "timeout"
         launches[profile] = {"exit": code, "seconds": round(time.perf_counter() - begin, 1), "layers": layers}
         print(f"==> {profile}: exit {code} after {launches[profile]['seconds']} s", flush=True)
@@ -115,6 +129,24 @@ def main(argv=None) -> int:
     print(json.dumps(results["profiles"], indent=1)[:4000])
     print(f"results: {out}")
     return 0
+
+
+def stop_launch(proc: subprocess.Popen) -> None:
+    """Kill a launch and every worker it started. torch's elastic agent starts each worker in a session
+    of its own, so killing the launcher's process group alone left the workers running (and holding
+    their GPUs) after a timeout; they are found as the launcher's descendants first."""
+    import psutil
+
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
 
 
 def argparse_hidden() -> str:
