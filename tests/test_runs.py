@@ -5,10 +5,15 @@ broken ones. `make mutation` runs these against pcbvlm.runs.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
+import os
 import re
 import struct
+import subprocess
+import sys
 import time
 import zipfile
 from datetime import UTC, datetime
@@ -21,10 +26,15 @@ from pcbvlm.config import load_config
 from pcbvlm.errors import UserError
 from pcbvlm.runs import (
     COMPLETE_MARKER,
+    LOCK_FILE,
+    RunLock,
+    _pid_alive,
+    _read_pid,
     _unreadable_file,
     adapter_folder,
     checkpoint_problem,
     checkpoint_step,
+    dataset_hash,
     full_model_folder,
     is_complete_checkpoint,
     is_finished,
@@ -33,6 +43,8 @@ from pcbvlm.runs import (
     newest_complete_checkpoint,
     newest_finished_run,
     plan_run,
+    run_identity,
+    run_lock_holder,
     write_checkpoint_marker,
 )
 
@@ -457,3 +469,288 @@ def test_explicit_resume_targets(runs_cfg, tmp_path, caplog):
     with pytest.raises(UserError) as err:
         plan_run(runs_cfg, "abc", str(empty))
     assert str(err.value) == f"RESUME={empty}: the run has no complete checkpoint to resume from"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Run identity: which settings make a run, and which data
+
+
+def _data(folder: Path, train: str = '{"id": 1}\n', val: str | None = '{"id": 2}\n') -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text(train)
+    if val is not None:
+        (folder / "val.jsonl").write_text(val)
+    return folder
+
+
+def test_dataset_hash_changes_with_the_train_and_val_files_only(tmp_path):
+    data = _data(tmp_path / "data")
+    first = dataset_hash(data)
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert dataset_hash(_data(tmp_path / "copy")) == first  # same files elsewhere: same data
+    # Files that training does not read do not count.
+    (data / "test.jsonl").write_text('{"id": 3}\n')
+    (data / "stats.json").write_text("{}")
+    assert dataset_hash(data) == first
+    (data / "train.jsonl").write_text('{"id": 1}\n{"id": 4}\n')
+    changed_train = dataset_hash(data)
+    assert changed_train != first
+    (data / "train.jsonl").write_text('{"id": 1}\n')
+    assert dataset_hash(data) == first
+    (data / "val.jsonl").write_text('{"id": 5}\n')
+    assert dataset_hash(data) not in (first, changed_train)
+    # A line moved from train to val is a different split of the same lines.
+    moved = _data(tmp_path / "moved", train='{"id": 1}\n{"id": 2}\n', val="")
+    assert dataset_hash(moved) != first
+    # No val.jsonl (val_fraction=0) is not the same as an empty one, and neither is an error.
+    no_val = dataset_hash(_data(tmp_path / "no-val", val=None))
+    assert re.fullmatch(r"[0-9a-f]{16}", no_val)
+    assert no_val != dataset_hash(_data(tmp_path / "empty-val", val=""))
+    assert dataset_hash(tmp_path / "missing") != no_val
+
+
+def test_run_identity_depends_on_what_training_computes_not_on_how_it_is_watched(tmp_path):
+    def identity(*overrides: str, data_hash: str = "0123456789abcdef") -> str:
+        return run_identity(load_config(TINY, list(overrides)), data_hash)
+
+    base = identity()
+    assert re.fullmatch(r"[0-9a-f]{10}", base)
+    assert identity() == base
+    # Settings that change the trained weights: a new run.
+    for override in (
+        "model.name_or_path=other/model",
+        "model.attn_implementation=eager",
+        "data.max_pixels=32768",
+        "data.split_seed=1",
+        "lora.r=4",
+        "lora.alpha=8",
+        "train.lr=1.0e-3",
+        "train.epochs=2",
+        "train.micro_batch=2",
+        "train.seed=7",
+    ):
+        assert identity(override) != base, override
+    assert identity(data_hash="fedcba9876543210") != base
+    # Settings that only change how a run is watched, stored or where files go: the same run.
+    for override in (
+        "train.save_steps=3",
+        "train.eval_steps=3",
+        "train.logging_steps=1",
+        "train.save_total_limit=5",
+        "train.num_workers=2",
+        "train.disk_reserve_gb=50",
+        "train.accelerate_profile=a800",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"paths.outputs_dir={tmp_path / 'outputs'}",
+        "eval.batch_size=2",
+        "quantize.group_size=64",
+    ):
+        assert identity(override) == base, override
+
+
+def test_run_identity_recipe_is_stable(tmp_path):
+    """The identity is part of every run folder's name, so `make train` after an update of the code finds
+    the runs made before it only if the recipe stays: the first 10 hex digits of the SHA-256 of the
+    sorted-key JSON of the model, data, lora and train settings (less the operational ones) and the data."""
+    cfg = load_config(TINY, [])
+    train = cfg.train.model_dump(mode="json")
+    for key in ("disk_reserve_gb", "num_workers", "logging_steps", "eval_steps", "save_steps"):
+        del train[key]
+    del train["save_total_limit"], train["accelerate_profile"]
+    blob = {
+        "data": cfg.data.model_dump(mode="json"),
+        "dataset": "0123456789abcdef",
+        "lora": cfg.lora.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "train": train,
+    }
+    text = json.dumps(blob, sort_keys=True)
+    assert run_identity(cfg, "0123456789abcdef") == hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run lock
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_pid_alive_asks_without_disturbing_the_process(monkeypatch):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _pid_alive(sleeper.pid)
+        time.sleep(0.2)
+        assert sleeper.poll() is None  # asking sent no signal that stops it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not _pid_alive(sleeper.pid)
+    assert _pid_alive(os.getpid())
+
+    def not_ours(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_ours)  # another user's process: alive, though we may not signal it
+    assert _pid_alive(12345)
+
+
+def test_read_pid_reads_a_pid_and_nothing_else(tmp_path):
+    path = tmp_path / "run.lock"
+    assert _read_pid(path) is None  # missing
+    path.write_text("4321\n")
+    assert _read_pid(path) == 4321
+    path.write_text("  77 \n")
+    assert _read_pid(path) == 77
+    for content in ("", "\n", "abc\n", "-5\n", "12 34\n", "1.5\n"):
+        path.write_text(content)
+        assert _read_pid(path) is None, content
+    path.unlink()
+    path.mkdir()  # unreadable: not a file
+    assert _read_pid(path) is None
+
+
+def test_run_lock_holds_the_pid_refuses_a_second_writer_and_empties_on_release(tmp_path, caplog):
+    run = tmp_path / "runs" / "20260101-000000-abc"  # neither the run nor its parent exist yet
+    assert run_lock_holder(run) is None
+    lock = RunLock(run)
+    assert lock.path == run / LOCK_FILE
+    lock.release()  # before acquire: nothing to do (callers release in `finally`)
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+        assert lock.acquire() is lock
+    assert not caplog.records  # a fresh lock is no takeover
+    assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert run_lock_holder(run) == os.getpid()
+    assert run_lock_holder(run) == os.getpid()  # asking does not take the lock away
+    with pytest.raises(UserError) as err:
+        RunLock(run).acquire()  # flock is per open file: a second open refuses, even in this process
+    assert str(err.value) == (
+        f"run {run.name} is being trained by process {os.getpid()} (lock {run / LOCK_FILE}); "
+        "wait for it, stop it, or start a new run with RESUME=no"
+    )
+    assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # the refused writer changed nothing
+    # A holder whose PID cannot be read is still a holder.
+    (run / LOCK_FILE).write_text("")
+    assert run_lock_holder(run) == 0
+    with pytest.raises(UserError, match=r"is being trained by another process \(lock "):
+        RunLock(run).acquire()
+    lock.release()
+    assert (run / LOCK_FILE).is_file() and (run / LOCK_FILE).read_text() == ""  # emptied, not removed
+    assert run_lock_holder(run) is None
+    lock.release()  # twice: harmless
+    # Released: the next writer gets it without a takeover warning (nothing left in the file).
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+        again = RunLock(run).acquire()
+    assert not caplog.records
+    assert run_lock_holder(run) == os.getpid()
+    again.release()
+    # Re-acquiring the lock of an existing run folder.
+    third = RunLock(run).acquire()
+    assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    third.release()
+
+
+class _UnwritableFile:
+    """A lock file whose emptying fails (a full or read-only-remounted disk)."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def truncate(self, *args):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_release_drops_the_lock_even_when_the_pid_cannot_be_erased(tmp_path, caplog):
+    run = tmp_path / "20260101-000000-abc"
+    lock = RunLock(run).acquire()
+    lock._fh = _UnwritableFile(lock._fh)
+    lock.release()  # runs in `finally` after a failed run: must not raise a second error
+    assert run_lock_holder(run) is None
+    assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # left behind, harmless
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+        RunLock(run).acquire().release()  # our own PID: taken back without a warning
+    assert not caplog.records
+
+
+def test_a_lock_left_by_a_dead_or_released_process_is_taken_over_with_a_warning(tmp_path, caplog):
+    run = tmp_path / "20260101-000000-abc"
+    run.mkdir()
+    dead = _dead_pid()
+    (run / LOCK_FILE).write_text(f"{dead}\n")  # kill -9: the kernel dropped the flock, the PID stayed
+    assert run_lock_holder(run) is None
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+        lock = RunLock(run).acquire()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run.name}: taking over the lock left by process {dead} (no longer running)"
+    ]
+    assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # the old PID replaced, not appended to
+    lock.release()
+    # A live process's PID in a lock nobody holds: it let go (e.g. a file copied from elsewhere).
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_FILE).write_text(f"{sleeper.pid}\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+            lock = RunLock(run).acquire()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{run.name}: taking over the lock left by process {sleeper.pid} (lock released)"
+        ]
+        lock.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # This process's own PID (a lock released and taken again): no warning.
+    (run / LOCK_FILE).write_text(f"{os.getpid()}\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+        RunLock(run).acquire().release()
+    assert not caplog.records
+
+
+_HOLD = """
+import fcntl, os, sys
+fh = open(sys.argv[1], "a+")
+fcntl.flock(fh, fcntl.LOCK_EX)
+fh.write(f"{os.getpid()}\\n")
+fh.flush()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_another_process_holding_the_lock_is_named_until_it_dies(tmp_path, caplog):
+    run = tmp_path / "20260101-000000-abc"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(run / LOCK_FILE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_lock_holder(run) == holder.pid
+        with pytest.raises(UserError, match=f"is being trained by process {holder.pid} "):
+            RunLock(run).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_lock_holder(run) is None
+    with caplog.at_level(logging.WARNING, logger="pcbvlm.runs"):
+        lock = RunLock(run).acquire()
+    assert f"taking over the lock left by process {holder.pid} (no longer running)" in caplog.text
+    assert run_lock_holder(run) == os.getpid()
+    lock.release()
+
+
+def test_run_lock_holder_of_folders_without_a_lock_file(tmp_path):
+    assert run_lock_holder(tmp_path / "missing") is None
+    assert run_lock_holder(tmp_path) is None
+    (tmp_path / LOCK_FILE).mkdir()  # not a file: no lock
+    assert run_lock_holder(tmp_path) is None
