@@ -43,11 +43,12 @@ MODULES: dict[str, Module] = {
     "parsing": Module("parsing.py", ("tests/test_parsing.py",)),
     "answer": Module("answer.py", ("tests/test_answer.py",)),
     "collator": Module("collator.py", ("tests/test_collator.py",)),
+    # The checks that decide whether a merged or quantized model is published (pcbvlm.model_folder) and the
+    # dtype the merge folds the adapter in (pcbvlm.merge).
     "merge-verification": Module(
-        "merge.py",
-        ("tests/test_merge_verification.py",),
-        ("x_compare_logits", "x_attended_logits", "x_merge_dtype"),
+        "model_folder.py", ("tests/test_merge_verification.py",), ("x_compare_logits", "x_attended_logits")
     ),
+    "merge-dtype": Module("merge.py", ("tests/test_merge_verification.py",), ("x_merge_dtype",)),
     # Term by term on a small shape (fast); tests/test_preflight.py checks the 32B totals against measurements.
     "preflight-estimate": Module("preflight/estimate.py", ("tests/test_estimate.py",)),
     # The run registry: identity, checkpoint completion, resume selection, run lock, finished runs.
