@@ -467,21 +467,54 @@ def test_full_training_keeps_a_gradient_and_two_moments_per_parameter():
 
 def test_full_training_on_several_gpus_shards_gradients_moments_and_master_weights():
     cfg = config(train={**QLORA, "method": "full", "quantization": "none", "micro_batch": 1}, lora=LORA8)
-    single = {n: b for n, b, _, _ in rows(estimate_train_vram(SHAPE, cfg))}
-    ddp = {n: (b, k) for n, b, k, _ in rows(estimate_train_vram(SHAPE, cfg, layout=Layout("ddp", 2)))}
-    assert ddp["gradients (all parameters)"] == (COUNTS.total * 2, "static")
-    assert ddp["DDP gradient buckets"] == (COUNTS.total * 2, "static")
-    zero2 = {n: b for n, b, _, _ in rows(estimate_train_vram(SHAPE, cfg, layout=Layout("zero2", 4)))}
-    assert zero2["gradients (all parameters) (1/4)"] == COUNTS.total * 2 / 4
-    assert zero2["AdamW moments (1/4)"] == COUNTS.total * 8 / 4
-    assert zero2["fp32 master weights (1/4)"] == COUNTS.total * 4 / 4
+    single = estimate_train_vram(SHAPE, cfg)
+    grads, moments = COUNTS.total * 2, COUNTS.total * 8
+
+    def items(layout):
+        return {i.name: i for i in estimate_train_vram(SHAPE, cfg, layout=layout).items}
+
+    def added(layout):  # the items the layout adds or changes, as (bytes, note, kind)
+        before = {(i.name, i.bytes, i.note, i.kind) for i in single.items}
+        return {
+            i.name: (i.bytes, i.note, i.kind)
+            for i in items(layout).values()
+            if (i.name, i.bytes, i.note, i.kind) not in before
+        }
+
+    assert added(Layout("ddp", 2)) == {
+        "gradients (all parameters)": (grads, "alive with the DDP buckets", "static"),
+        "DDP gradient buckets": (grads, "the gradients that NCCL all-reduces", "static"),
+    }
+    assert added(Layout("zero2", 4)) == {
+        "gradients (all parameters) (1/4)": (grads / 4, "reduce-scattered (ZeRO)", "static"),
+        "AdamW moments (1/4)": (moments / 4, "sharded (ZeRO)", "static"),
+        "fp32 master weights (1/4)": (COUNTS.total * 4 / 4, "sharded (ZeRO)", "static"),
+    }
+    zero2 = items(Layout("zero2", 4))
     assert "gradients (all parameters)" not in zero2 and "AdamW moments (fp32 m, v)" not in zero2
-    decoder = next(n for n in single if n.startswith("LM decoder linears"))
-    assert zero2[decoder] == single[decoder]
-    zero3 = {n: b for n, b, _, _ in rows(estimate_train_vram(SHAPE, cfg, layout=Layout("zero3", 4)))}
-    assert zero3[f"{decoder} (1/4)"] == single[decoder] / 4
+    names = [i.name for i in single.items]
+    at = names.index("gradients (all parameters)")
+    assert [i.name for i in estimate_train_vram(SHAPE, cfg, layout=Layout("zero2", 4)).items][
+        at : at + 3
+    ] == [
+        "gradients (all parameters) (1/4)",
+        "AdamW moments (1/4)",
+        "fp32 master weights (1/4)",
+    ]
+    decoder = next(n for n in names if n.startswith("LM decoder linears"))
     per_layer = sum(a * b for a, b in SHAPE.decoder_linears().values())
-    assert zero3["gathered layers (ZeRO-3)"] == 2 * per_layer * 2
+    zero3 = added(Layout("zero3", 4))
+    assert zero3[f"{decoder} (1/4)"] == (
+        next(i.bytes for i in single.items if i.name == decoder) / 4,
+        "sharded (ZeRO-3)",
+        "static",
+    )
+    assert zero3["gathered layers (ZeRO-3)"] == (
+        2 * per_layer * 2,
+        "the current and the prefetched layer",
+        "static",
+    )
+    assert zero3["fp32 master weights (1/4)"] == (COUNTS.total, "sharded (ZeRO)", "static")
 
 
 # ---------------------------------------------------------------------------------------------------------
