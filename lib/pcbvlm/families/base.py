@@ -15,6 +15,7 @@ resized it). `to_answer_box` and `to_pixel_box` are the two directions.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -43,7 +44,7 @@ QWEN_AWQ_MAPPINGS: list[tuple[str, list[str]]] = [
 ]
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """One model family. Subclasses set the class attributes and implement the methods that raise."""
 
     model_type: ClassVar[str]  # config.json's `model_type`: the registry key
@@ -139,10 +140,10 @@ class ModelFamily:
 
     # -- coordinates ---------------------------------------------------------------------------------
 
+    @abstractmethod
     def answer_frame(self, width: int, height: int, min_pixels: int, max_pixels: int) -> Frame:
         """The (width, height) of a width x height image in answer units, for the processor's image size
         range `min_pixels`..`max_pixels` (pcbvlm.config.DataConfig)."""
-        raise NotImplementedError
 
     def to_answer_box(
         self, box: Sequence[float], width: int, height: int, min_pixels: int, max_pixels: int
@@ -162,9 +163,9 @@ class ModelFamily:
 
     # -- shapes --------------------------------------------------------------------------------------
 
+    @abstractmethod
     def config_dict_32b(self) -> dict[str, Any]:
         """The 32B-class architecture as a config.json-like dict (no transformers import)."""
-        raise NotImplementedError
 
     def config_32b(self, **text_overrides: Any):
         """The transformers config of the 32B-class model; `text_overrides` change text-config keys
@@ -184,9 +185,9 @@ class ModelFamily:
 
     # -- the tiny model ------------------------------------------------------------------------------
 
+    @abstractmethod
     def tiny_config(self, tokenizer=None, vocab_size: int | None = None):
         """A transformers config with every feature of the 32B-class model at toy sizes."""
-        raise NotImplementedError
 
     @staticmethod
     def special_token_ids(tokenizer) -> dict[str, int]:
