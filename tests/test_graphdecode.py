@@ -33,11 +33,21 @@ def _messages(cfg, data_dir, count):
     return messages
 
 
-@pytest.mark.parametrize("min_new_tokens", [32, 0])
-def test_graph_decoder_gives_generates_answers(loaded, tiny_train_cfg, tiny_data_dir, min_new_tokens):
+@pytest.mark.parametrize("min_new_tokens, compile_step", [(32, False), (0, False), (0, True)])
+def test_graph_decoder_gives_generates_answers(
+    loaded, tiny_train_cfg, tiny_data_dir, min_new_tokens, compile_step
+):
     messages = _messages(tiny_train_cfg, tiny_data_dir, 3)
     expected = generate_batch(loaded, messages, 32, min_new_tokens=min_new_tokens, decoder="generate")
-    got = generate_batch(loaded, messages, 32, min_new_tokens=min_new_tokens, decoder="graph")
+    loaded.graph_decoder = None
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    got = generate_batch(
+        loaded, messages, 32, min_new_tokens=min_new_tokens, decoder="graph", compile_step=compile_step
+    )
+    # eval.compile_decoder: the step ran through torch.compile (dynamo traced it), and only then
+    assert (counters["stats"]["unique_graphs"] > graphs) == compile_step
     lengths = {len(offsets) for _, offsets, _ in expected}
     assert len(lengths) > 1 or min_new_tokens  # free lengths: some answers end early, others do not
     for (text, offsets, probs), (want_text, want_offsets, want_probs) in zip(got, expected, strict=True):

@@ -490,6 +490,7 @@ def time_graph_generation(
     log: Callable[[str], None],
     draft_tokens: int = 0,
     kind: str = "int4 graph",
+    compile_step: bool = False,
 ) -> dict[str, Any]:
     """Like `time_generation`, through `pcbvlm.graphdecode.GraphDecoder` (static cache, the whole decoding
     step one CUDA graph, grouped attention; `draft_tokens` verified per step at batch 1). The warm-up call
@@ -516,9 +517,10 @@ def time_graph_generation(
     }
     if draft_tokens:
         result["draft_tokens"] = draft_tokens
+    result["compiled_step"] = compile_step
     _reset_peak()
     try:
-        decoder = GraphDecoder(model, suppress, eos, tok.pad_token_id)
+        decoder = GraphDecoder(model, suppress, eos, tok.pad_token_id, compile_step=compile_step)
         begin = time.perf_counter()
         decoder.generate(dict(inputs), new_tokens, new_tokens, draft_tokens)
         _sync()
@@ -534,6 +536,8 @@ def time_graph_generation(
         result.update(
             status="ok",
             generated_tokens=int((out.tokens[0] != tok.pad_token_id).sum()),
+            # the first image's answer, to compare the rows' greedy tokens (same weights, same answer)
+            first_tokens=out.tokens[0, :48].tolist(),
             forward_passes=out.steps,
             ms_per_forward_pass=round(1000 * (seconds - prefill) / max(out.steps, 1), 2),
             prefill_s=round(prefill, 3),
@@ -937,7 +941,7 @@ def int4_kernel_floor(model, rows: tuple[int, ...] = (1, 4, 8, 16, 128)) -> dict
         for layer in layers:
             if layer.in_features not in inputs:
                 inputs[layer.in_features] = torch.randn(
-                    m, layer.in_features, dtype=layer.scales.dtype, device=layer.scales.device
+                    m, layer.in_features, dtype=torch.bfloat16, device=model.device
                 )
 
         def one_pass(inputs=inputs):
@@ -1037,6 +1041,7 @@ def run_int4_benchmark(
     graph_batches: tuple[int, ...] = (),
     graph_drafts: tuple[int, ...] = (),
     graph_kernels: tuple[str, ...] = ("tinygemm",),
+    graph_compile: tuple[bool, ...] = (False,),
     kernel_floor: bool = False,
     static_last: bool = False,
 ) -> dict[str, Any]:
@@ -1045,7 +1050,8 @@ def run_int4_benchmark(
     batch sizes in `static_batches` also with the compiled static cache; then, if time is left before
     `deadline_s` (seconds after the start), NF4 at `nf4_batches` on a fresh NF4 model. First of all, the
     `GraphDecoder` rows (`pcbvlm.graphdecode`) on the tinygemm layout: `graph_batches`, and batch 1 with
-    each number of drafted tokens in `graph_drafts`, for each layout in `graph_kernels` (with
+    each number of drafted tokens in `graph_drafts`, for each layout in `graph_kernels` and each of
+    `graph_compile` (the step through torch.compile before capture, or not) (with
     `kernel_floor`, the int4 linears alone per layout first: `int4_kernel_floor`). Every setting is written to `out_path` as soon as
     it is measured."""
     from pcbvlm.config import load_config
@@ -1139,7 +1145,11 @@ def run_int4_benchmark(
         (b, None, 0, bench_kernel(b)) for b in sorted(batches, reverse=True) if b > BENCH_TINYGEMM_MAX_BATCH
     ]
     runs += [(b, None, 0, "tinygemm") for b in tinygemm_batches]
-    graph_runs = [(b, 0) for b in graph_batches] + [(1, k) for k in graph_drafts]
+    graph_runs = [
+        (b, k, compiled)
+        for compiled in graph_compile
+        for b, k in [(b, 0) for b in graph_batches] + [(1, k) for k in graph_drafts]
+    ]
     results["kernel_floor"] = []
     for graph_kernel in graph_kernels if graph_runs or kernel_floor else ():
         if not time_left():
@@ -1152,8 +1162,9 @@ def run_int4_benchmark(
             results["kernel_floor"].append(int4_kernel_floor(model))
             log(f"int4 linears alone: {results['kernel_floor'][-1]}")
             _write(out_path, results)
-        for batch_size, drafts in graph_runs:
-            label = f"int4 {kernel}, graph decoder" + (f" + {drafts} drafts" if drafts else "")
+        for batch_size, drafts, compiled in graph_runs:
+            label = f"int4 {kernel}, graph decoder" + (" compiled" if compiled else "")
+            label += f" + {drafts} drafts" if drafts else ""
             if not time_left():
                 results["generate"].append(
                     {
@@ -1166,7 +1177,7 @@ def run_int4_benchmark(
                 continue
             results["generate"].append(
                 time_graph_generation(
-                    model, processor, sample, batch_size, new_tokens, log, drafts, kind=label
+                    model, processor, sample, batch_size, new_tokens, log, drafts, label, compiled
                 )
             )
             _write(out_path, results)

@@ -47,6 +47,7 @@ class LoadedModel:
     prompt_lookup_tokens: int = 0  # eval.prompt_lookup_tokens: draft tokens per step at batch 1 (0 = off)
     decoder: str = "generate"  # eval.decoder: generate (transformers) or graph (pcbvlm.graphdecode)
     draft_tokens: int = 0  # eval.draft_tokens: the graph decoder's drafted tokens per step at batch 1
+    compile_decoder: bool = False  # eval.compile_decoder: torch.compile the graph decoder's step
     graph_decoder: Any = None  # the GraphDecoder, made on first use (it keeps its cache and graphs)
 
     @property
@@ -172,6 +173,7 @@ def load_for_inference(cfg: Config, model_ref: str | Path | None = None) -> Load
         cfg.eval.prompt_lookup_tokens,
         cfg.eval.decoder,
         cfg.eval.draft_tokens,
+        cfg.eval.compile_decoder,
     )
 
 
@@ -241,6 +243,7 @@ def generate_batch(
     prompt_lookup_tokens: int | None = None,
     decoder: str | None = None,
     draft_tokens: int | None = None,
+    compile_step: bool | None = None,
 ) -> list[tuple[str, list[tuple[int, int]], list[float]]]:
     """Greedy generation for a batch of chats; per sample: (text, token offsets, token probabilities).
     `cache_implementation` (default: the model's eval.kv_cache) "static" pre-allocates the KV cache,
@@ -267,6 +270,8 @@ def generate_batch(
     image_tokens = [processor.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
     if (decoder or loaded.decoder) == "graph":
         drafts = loaded.draft_tokens if draft_tokens is None else draft_tokens
+        if compile_step is not None:
+            loaded.compile_decoder = compile_step
         result = _graph_decoder(loaded, image_tokens).generate(
             dict(inputs), max_new_tokens, min_new_tokens or 0, drafts if len(messages_batch) == 1 else 0
         )
@@ -313,6 +318,7 @@ def _graph_decoder(loaded: LoadedModel, suppress_ids: list[int]):
             suppress_ids,
             eos if isinstance(eos, list) else [eos],
             loaded.processor.tokenizer.pad_token_id,
+            compile_step=loaded.compile_decoder,
         )
     return loaded.graph_decoder
 

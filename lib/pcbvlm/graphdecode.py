@@ -118,6 +118,7 @@ class GraphDecoder:
         pad_id: int,
         use_graphs: bool | None = None,
         check_every: int = 16,
+        compile_step: bool = False,
     ) -> None:
         _register_attention()
         self.model = model
@@ -126,6 +127,11 @@ class GraphDecoder:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.suppress_ids, self.eos_ids, self.pad_id = list(suppress_ids), list(eos_ids), int(pad_id)
         self.check_every = check_every
+        # torch.compile of the step (before capture): fuses the norms, rope, residual adds and SiLU x up
+        # of the 64 layers into fewer kernels; at batch 1 those small kernels cost about as much as the
+        # int4 matmuls (BENCHMARKS.md).
+        self.compile_step = compile_step
+        self._compiled_step = None
         self._state: dict | None = None
 
     # -- the step -------------------------------------------------------------------------------------
@@ -158,6 +164,14 @@ class GraphDecoder:
         s["next"].copy_(logits.argmax(-1))
         s["prob"].copy_(torch.softmax(logits, -1).amax(-1))
 
+    def _run_step(self, s: dict) -> None:
+        if not self.compile_step:
+            self._step(s)
+            return
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._step, dynamic=False)
+        self._compiled_step(s)
+
     def _process(self, logits, positions, s):
         """What `generate`'s processors do: suppressed tokens never, end of turn not before
         `min_new_tokens` (the token predicted at position p is new token p + 1 - prompt length)."""
@@ -173,11 +187,11 @@ class GraphDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: kernels chosen, compiled read-backs compiled, same cache writes
-                self._step(s)
+                self._run_step(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step(s)
+            self._run_step(s)
         return graph
 
     # -- generation -----------------------------------------------------------------------------------
@@ -261,11 +275,11 @@ class GraphDecoder:
             if s["graph"] is None:
                 s["graph"] = self._capture(s)
                 if s["graph"] is None:
-                    self._step(s)
+                    self._run_step(s)
                     return
             s["graph"].replay()
         else:
-            self._step(s)
+            self._run_step(s)
 
     def _generate_plain(self, s, token, prob, prompt_length, max_new_tokens) -> DecodeResult:
         batch = token.shape[0]

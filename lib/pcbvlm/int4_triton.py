@@ -2,9 +2,12 @@
 
 Why: torch's int4 kernel (tinygemm) re-reads the weight for every 16 rows, so batched decoding reads the
 weights back to bf16 per layer and step (16 GB read, 64 GB written and read again at the 32B). This
-kernel unpacks the nibbles in registers, inside the matmul's K loop. No maintained library ships it as a
-wheel for torch 2.11 / triton 3.6 (gemlite publishes no wheel; torchao's int4 layouts are tinygemm's or
-need fbgemm-gpu-genai / Marlin builds), so it is kept small here.
+kernel unpacks the nibbles in registers, inside the matmul's K loop. torchao's int4 layouts are
+tinygemm's or need fbgemm-gpu-genai / Marlin builds for this torch. GemLite 0.6 (pure Triton, the int4
+kernels of torchao's and SGLang's gemlite integrations) was measured in this layer on the H200
+(BENCHMARKS.md, 2026-11-30): no faster than tinygemm at 1 row, 2.7x slower at 4 rows, 21% faster at 128,
+but 1-3% relative error (its split-K sums are bf16 atomic adds) and 5 min of autotuning for the 32B's
+five shapes; so this small kernel stays.
 
 Layout (`Int4Linear` kernel "triton", the same bytes as "dequant"): `nibbles` (out, in/2) uint8 with the
 even input channel in the high nibble, u in [0, 15] for q = u - 8; `scales` (out, in/group) in the

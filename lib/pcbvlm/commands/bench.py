@@ -16,6 +16,7 @@ import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_args
 
 from pcbvlm.cli import make_parser, run_job
 from pcbvlm.commands import ROOT
@@ -60,6 +61,12 @@ def main(argv=None) -> int:
         "--graph-kernels", default="tinygemm", help="--parts int4: int4 layouts of the graph decoder rows"
     )
     parser.add_argument(
+        "--graph-compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="--parts int4: graph decoder rows with the step through torch.compile (both: plain, then compiled)",
+    )
+    parser.add_argument(
         "--kernel-floor", action="store_true", help="--parts int4: time the int4 linears alone per layout"
     )
     parser.add_argument(
@@ -74,10 +81,12 @@ def main(argv=None) -> int:
     command = shlex.join(["pcbvlm", "bench", *(sys.argv[1:] if argv is None else argv)])
 
     graph_kernels = tuple(k.strip() for k in args.graph_kernels.split(",") if k.strip())
-    unknown = sorted(set(graph_kernels) - {"tinygemm", "dequant", "triton"})
+    from pcbvlm.int4 import Kernel
+
+    unknown = sorted(set(graph_kernels) - set(get_args(Kernel)))
     if unknown:
         raise UserError(
-            f"--graph-kernels: unknown int4 layout {', '.join(unknown)} (tinygemm, dequant, triton)"
+            f"--graph-kernels: unknown int4 layout {', '.join(unknown)} ({', '.join(get_args(Kernel))})"
         )
 
     import torch
@@ -112,6 +121,7 @@ def main(argv=None) -> int:
             graph_batches=_sizes(args.graph_batches),
             graph_drafts=_sizes(args.graph_drafts),
             graph_kernels=graph_kernels,
+            graph_compile={"off": (False,), "on": (True,), "both": (False, True)}[args.graph_compile],
             kernel_floor=args.kernel_floor,
             static_last=args.static_last,
         )
