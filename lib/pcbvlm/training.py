@@ -820,6 +820,11 @@ def enable_full_training(model, cfg: Config) -> None:
         param.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.offload_checkpoints:
+            from pcbvlm.modeling import decoder_layers
+            from pcbvlm.offload import offload_checkpointed_inputs
+
+            offload_checkpointed_inputs(decoder_layers(model))
 
 
 def save_full_model(model, processor, target: Path) -> Path:
