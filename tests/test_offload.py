@@ -19,7 +19,7 @@ from pcbvlm.offload import CheckpointOffload, offload_checkpointed_inputs, offlo
 def _run(cfg, processor, data_dir, offload: bool, device="cpu"):
     """Every layer of the tiny model (2) checkpointed, so that one input is prefetched."""
     torch.manual_seed(0)
-    model = load_base_model(cfg, device=device).to(device)
+    model = load_base_model(cfg, device=device, dtype=torch.float32).to(device)
     peft_model = apply_lora(
         model, cfg, gradient_checkpointing=True, uncheckpointed_layers=0, offload_checkpoints=offload
     )
@@ -49,9 +49,11 @@ def _check_offloaded_run(cfg, processor, data_dir, device):
     assert offload.packed == offload.unpacked == checkpointed
     assert offload.packed_bytes == checkpointed * tokens * hidden * 4
     assert offload.prefetched == checkpointed - 1
-    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    # the same values come back: bit for bit on the CPU; on a GPU within what reordered kernels change
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, plain_loss, **tol)
     for a, b in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_offloaded_checkpoints_keep_the_loss_and_gradients(tiny_train_cfg, tiny_processor, tiny_data_dir):

@@ -57,6 +57,7 @@ class Setting:
     fused_lora: bool = False  # LoRA scaling + add in the B matmul's epilogue (pcbvlm.fused_ops)
     fused_swiglu: bool = False  # Liger's SiLU-multiply kernel in the decoder MLPs (pcbvlm.fused_ops)
     offload_checkpoints: bool = False  # checkpointed layers' inputs in pinned CPU memory (pcbvlm.offload)
+    cap_gib: float | None = None  # a lower GPU memory cap for this row (pcbvlm.bench_unsloth.run_ours)
     profile: bool = False  # one more step under torch.profiler (run_benchmark(profile=True))
 
 
