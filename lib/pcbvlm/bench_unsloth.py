@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -360,7 +361,7 @@ def offload_plan(cfg, layers: int, memory_goal_gib: float | None = None) -> list
         Setting("+ offloaded checkpoints, all layers checkpointed", mb, offload_checkpoints=True, **levers),
         NAIVE,
         [accumulated(max(1, mb // 2), k, True) for k in _fit_down(layers, FIT_MB8)],
-        accumulated(max(1, mb // 4), layers, False),
+        [accumulated(max(1, mb // 4), k, k < layers) for k in _fit_down(layers, (64, 56, 48))],
         _unique(under_unsloth),
         Setting(
             f"configured + offloaded checkpoints, {keep} of {layers} uncheckpointed",
@@ -389,6 +390,38 @@ def offload_plan(cfg, layers: int, memory_goal_gib: float | None = None) -> list
 
 
 PLANS = {"levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers), "offload": offload_plan}
+
+
+OUT_OF_MEMORY = "out of memory under the cap"  # pcbvlm.bench.time_training's status
+
+
+def measure_rows(
+    rows: list[Setting | list[Setting]],
+    measure: Callable[[Setting], dict[str, Any]],
+    expired: Callable[[], bool],
+    results: dict[str, Any],
+    out_path: Path,
+) -> None:
+    """Measure every row into `results["train"]`, written to `out_path` after each. A row that is a list
+    of settings is the first of them that fits: one that runs out of memory under its cap goes to
+    `results["did_not_fit"]` and the next is tried (the last one's failure is the row's result). Once
+    `expired()`, the remaining rows are recorded as skipped."""
+    for row in rows:
+        alternatives = row if isinstance(row, list) else [row]
+        for n, setting in enumerate(alternatives):
+            if expired():
+                results["train"].append({"setting": setting.__dict__, "status": "skipped: deadline"})
+                break
+            result = measure(setting)
+            if result.get("status") == OUT_OF_MEMORY and n + 1 < len(alternatives):
+                results.setdefault("did_not_fit", []).append(
+                    {"name": setting.name, "peak_gib": result.get("peak_gib")}
+                )
+                _log(f"{setting.name}: out of memory under the cap, trying {alternatives[n + 1].name}")
+                continue
+            results["train"].append(result)
+            break
+        _write(out_path, results)
 
 
 def run_ours(
@@ -441,25 +474,18 @@ def run_ours(
     layers = len(decoder_layers(model))
     results["layers"] = layers
     results["plan"] = plan
-    for row in PLANS[plan](cfg, layers, memory_goal_gib):
-        alternatives = row if isinstance(row, list) else [row]
-        for n, setting in enumerate(alternatives):
-            if deadline_s is not None and time.perf_counter() - started > deadline_s:
-                results["train"].append({"setting": setting.__dict__, "status": "skipped: deadline"})
-                break
-            torch.manual_seed(0)
-            result = time_training(
-                model, cfg, processor, sample, setting, steps, _log, profile=setting.profile
-            )
-            if result.get("status") == "out of memory under the cap" and n + 1 < len(alternatives):
-                results.setdefault("did_not_fit", []).append(
-                    {"name": setting.name, "peak_gib": result.get("peak_gib")}
-                )
-                _log(f"{setting.name}: out of memory under the cap, trying {alternatives[n + 1].name}")
-                continue
-            results["train"].append(result)
-            break
-        _write(out_path, results)
+
+    def measure(setting: Setting) -> dict[str, Any]:
+        torch.manual_seed(0)
+        _cap(setting.cap_gib or cap_gib)
+        result = time_training(model, cfg, processor, sample, setting, steps, _log, profile=setting.profile)
+        result["cap_gib"] = setting.cap_gib or cap_gib
+        return result
+
+    def expired() -> bool:
+        return deadline_s is not None and time.perf_counter() - started > deadline_s
+
+    measure_rows(PLANS[plan](cfg, layers, memory_goal_gib), measure, expired, results, out_path)
     ok = [r for r in results["train"] if r.get("status") == "ok"]
     naive = next((r for r in ok if r["setting"].get("naive")), None)
     if naive:
