@@ -8,8 +8,9 @@
 #   3. Unsloth's rows (first: the most uncertain part), 4. this project's rows, 5. the table.
 # Variables: LAYERS (16), STEPS (4), BUDGET (540), UNSLOTH_MB (Unsloth's micro-batches, "16,8"), CKPT_TIMEOUT (150 s
 # for building and saving the checkpoint; the 64-layer one took 98 s), PLAN (our rows: offload, the default,
-# or levers: the rows of the first two runs), GPU (the CUDA device, 0). The 64-layer runs of 2026-11-30:
-# LAYERS=64 STEPS=3 UNSLOTH_MB=16 CKPT_TIMEOUT=200 (PLAN=levers, then PLAN=offload GPU=1).
+# offload-check, or levers: the rows of the first two runs), GPU (the CUDA device, 0), UNSLOTH=0 (no Unsloth
+# rows), TAG (suffix of the result files). The 64-layer runs of 2026-11-30: LAYERS=64 STEPS=3 UNSLOTH_MB=16
+# CKPT_TIMEOUT=200 (PLAN=levers; then PLAN=offload GPU=1; then PLAN=offload-check UNSLOTH=0 TAG=-check GPU=1).
 set -o pipefail
 # The device call carries a copy of lib/, jobs/, config/ and the wheels in .dev/20; in a checkout that
 # has no such copy, the repo's own lib/ and jobs/ are used (wheels still expected in $HERE/whl).
@@ -21,7 +22,8 @@ BUDGET=${BUDGET:-540}
 OUT=${OUT:-/tmp/out20}
 R=$OUT/20
 mkdir -p "$R"
-LOG=$R/log.txt
+TAG=${TAG:-}  # a suffix of the result files (a second call next to the first one's files)
+LOG=$R/log$TAG.txt
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TOKENIZERS_PARALLELISM=false
 CKPT=/tmp/ckpt20-$LAYERS
@@ -67,9 +69,11 @@ grep -v -E "Warning|warn\(|^ *$" /tmp/import20.log | tail -15 | tee -a "$LOG"
 
 # 3. Unsloth (leaves at least 170 s for this project's rows)
 T=$(( $(left) - 170 )); [ $T -gt 260 ] && T=260
-if grep -q "import ok" /tmp/import20.log && [ $T -gt 30 ]; then
+if [ "${UNSLOTH:-1}" = 0 ]; then
+  say "unsloth rows skipped (UNSLOTH=0)"
+elif grep -q "import ok" /tmp/import20.log && [ $T -gt 30 ]; then
   say "unsloth rows (timeout $T s)"
-  PYTHONPATH=$UPATH timeout $T $PY $HERE/jobs/bench_unsloth.py unsloth --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/unsloth.json --steps $STEPS \
+  PYTHONPATH=$UPATH timeout $T $PY $HERE/jobs/bench_unsloth.py unsloth --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/unsloth$TAG.json --steps $STEPS \
     $UNSLOTH_ARGS 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee -a "$LOG"
   say "unsloth exit $?"
 else
@@ -78,14 +82,14 @@ fi
 
 # 4. this project's rows; the offload plan's row under Unsloth's peak takes the peak just measured
 GOAL=$($PY -c "import json,sys; r=[t for t in json.load(open(sys.argv[1]))['train'] if t.get('status')=='ok']; print(r[0]['peak_gib'] or '')" \
-  $R/unsloth.json 2>/dev/null)
+  $R/unsloth$TAG.json 2>/dev/null)
 [ -n "$GOAL" ] && OURS_ARGS="$OURS_ARGS --memory-goal-gib $GOAL"
 T=$(( $(left) - 8 ))
 say "our rows (timeout $T s)"
-timeout $T $PY $HERE/jobs/bench_unsloth.py ours --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/ours.json --steps $STEPS \
+timeout $T $PY $HERE/jobs/bench_unsloth.py ours --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/ours$TAG.json --steps $STEPS \
   --deadline-s $((T - 45)) --plan ${PLAN:-offload} $OURS_ARGS 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee -a "$LOG"
 say "ours exit $?"
 
 # 5. summary
-timeout 20 $PY $HERE/jobs/bench_unsloth.py table --out $R/ours.json --unsloth $R/unsloth.json 2>&1 | tee -a "$LOG"
+timeout 20 $PY $HERE/jobs/bench_unsloth.py table --out $R/ours$TAG.json --unsloth $R/unsloth$TAG.json 2>&1 | tee -a "$LOG"
 say "done"

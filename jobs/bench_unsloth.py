@@ -33,10 +33,11 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline-s", type=float, help="ours: skip rows after this many seconds")
     parser.add_argument(
         "--plan",
-        choices=["offload", "levers"],
+        choices=["offload", "offload-check", "levers"],
         default="offload",
-        help="ours: which rows (offload: offloaded checkpoints + gradient accumulation; levers: the fused "
-        "LoRA adds / SwiGLU rows of the first two 2026-11-30 runs)",
+        help="ours: which rows (offload: offloaded checkpoints + gradient accumulation; offload-check: its "
+        "follow-up, offloading on/off in one run; levers: the fused LoRA adds / SwiGLU rows of the first two "
+        "2026-11-30 runs)",
     )
     parser.add_argument(
         "--memory-goal-gib",

@@ -389,7 +389,62 @@ def offload_plan(cfg, layers: int, memory_goal_gib: float | None = None) -> list
     ]
 
 
-PLANS = {"levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers), "offload": offload_plan}
+def offload_check_plan(
+    cfg, layers: int, memory_goal_gib: float | None = None
+) -> list[Setting | list[Setting]]:
+    """The follow-up of `offload_plan` (no Unsloth rows): offloading on and off in the same run (speed,
+    memory, and whether the losses agree), the configured setting with and without it (the default),
+    mb 8 x 2 near the configured setting's memory and with the most layers that fit, mb 16 with
+    offloading and the most layers that fit, and the first row once more (run-to-run spread)."""
+    keep = min(cfg.train.uncheckpointed_layers, cfg.train.uncheckpointed_layers * layers // 64)
+    mb = cfg.train.micro_batch
+    levers = dict(
+        lora_dropout=cfg.lora.dropout,
+        fused_kernels=cfg.train.fused_kernels != "none",
+        fused_lora=True,
+        fused_swiglu=True,
+    )
+
+    def row(name: str, micro: int, kept: int, offload: bool) -> Setting:
+        return Setting(
+            name,
+            micro,
+            grad_accum=mb // micro,
+            uncheckpointed_layers=kept,
+            offload_checkpoints=offload,
+            **levers,
+        )
+
+    def accumulated(kept: int) -> Setting:
+        micro = max(1, mb // 2)
+        return row(
+            f"mb {micro} x accum {mb // micro}, {kept} of {layers} uncheckpointed, offloaded checkpoints",
+            micro,
+            kept,
+            True,
+        )
+
+    plain = row("all layers checkpointed, not offloaded", mb, 0, False)
+    return [
+        plain,
+        row("all layers checkpointed, offloaded checkpoints", mb, 0, True),
+        row(f"configured, {keep} of {layers} uncheckpointed, offloaded checkpoints", mb, keep, True),
+        row(f"configured, {keep} of {layers} uncheckpointed, not offloaded", mb, keep, False),
+        [accumulated(k) for k in _fit_down(layers, (22, 20))],
+        [accumulated(k) for k in _fit_down(layers, (36, 35, 34))],
+        [
+            row(f"+ offloaded checkpoints, {k} of {layers} uncheckpointed", mb, k, True)
+            for k in _fit_down(layers, (17, 15, 13))
+        ],
+        row("all layers checkpointed, not offloaded (again: run-to-run spread)", mb, 0, False),
+    ]
+
+
+PLANS = {
+    "levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers),
+    "offload": offload_plan,
+    "offload-check": offload_check_plan,
+}
 
 
 OUT_OF_MEMORY = "out of memory under the cap"  # pcbvlm.bench.time_training's status
