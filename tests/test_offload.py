@@ -180,3 +180,21 @@ def test_preflight_ram_check_names_the_switch_when_ram_is_short():
     assert check.status == "fail" and "train.offload_checkpoints=false" in check.remedy
     without = estimate_ram("train", shape, cfg)
     assert _check_ram("train", without, facts, shape, "test").status == "pass"
+
+
+def test_training_job_offloads_through_the_trainer(tiny_model_dir, tiny_data_dir, tmp_path):
+    """`train.offload_checkpoints=true` in the training job: the Trainer keeps the hooks (it does not
+    re-enable checkpointing), one copy per checkpointed layer and optimizer step (micro-batch 2, 1 of
+    the tiny model's 2 layers checkpointed, 3 steps, no gradient accumulation)."""
+    from conftest import ROOT, run_job, tiny_overrides
+
+    flags = dict(max_steps=3, save_steps=100, eval_steps=100, gradient_checkpointing="true")
+    flags |= dict(offload_checkpoints="true", uncheckpointed_layers=1)
+    proc = run_job(
+        "pcbvlm.commands.train",
+        "--config",
+        str(ROOT / "config" / "tiny.yaml"),
+        *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "runs", **flags),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpointed layer inputs offloaded to CPU memory: 3 copies" in proc.stdout + proc.stderr
