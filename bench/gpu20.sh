@@ -10,7 +10,8 @@
 # for building and saving the checkpoint; the 64-layer one took 98 s), PLAN (our rows: offload, the default,
 # offload-check, or levers: the rows of the first two runs), GPU (the CUDA device, 0), UNSLOTH=0 (no Unsloth
 # rows), TAG (suffix of the result files). The 64-layer runs of 2026-11-30: LAYERS=64 STEPS=3 UNSLOTH_MB=16
-# CKPT_TIMEOUT=200 (PLAN=levers; then PLAN=offload GPU=1; then PLAN=offload-check UNSLOTH=0 TAG=-check GPU=1).
+# CKPT_TIMEOUT=200 (PLAN=levers; then PLAN=offload GPU=1; then PLAN=offload-check UNSLOTH=0 TAG=-check GPU=0
+# on a single H200).
 set -o pipefail
 # The device call carries a copy of lib/, jobs/, config/ and the wheels in .dev/20; in a checkout that
 # has no such copy, the repo's own lib/ and jobs/ are used (wheels still expected in $HERE/whl).

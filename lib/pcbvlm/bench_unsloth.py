@@ -394,8 +394,9 @@ def offload_check_plan(
 ) -> list[Setting | list[Setting]]:
     """The follow-up of `offload_plan` (no Unsloth rows): offloading on and off in the same run (speed,
     memory, and whether the losses agree), the configured setting with and without it (the default),
-    mb 8 x 2 near the configured setting's memory and with the most layers that fit, mb 16 with
-    offloading and the most layers that fit, and the first row once more (run-to-run spread)."""
+    mb 8 x 2 near the configured setting's memory and with the most layers that fit, the naive baseline
+    (the ratio in this run), mb 16 with offloading and the most layers that fit, and the first row once
+    more (run-to-run spread)."""
     keep = min(cfg.train.uncheckpointed_layers, cfg.train.uncheckpointed_layers * layers // 64)
     mb = cfg.train.micro_batch
     levers = dict(
@@ -432,6 +433,7 @@ def offload_check_plan(
         row(f"configured, {keep} of {layers} uncheckpointed, not offloaded", mb, keep, False),
         [accumulated(k) for k in _fit_down(layers, (22, 20))],
         [accumulated(k) for k in _fit_down(layers, (36, 35, 34))],
+        NAIVE,
         [
             row(f"+ offloaded checkpoints, {k} of {layers} uncheckpointed", mb, k, True)
             for k in _fit_down(layers, (17, 15, 13))
