@@ -31,6 +31,19 @@ def main(argv=None) -> int:
     parser.add_argument("--no-4bit", action="store_true", help="unsloth: bf16 base (CPU dry run)")
     parser.add_argument("--png", type=Path, help="table: also draw the rows into this picture")
     parser.add_argument("--deadline-s", type=float, help="ours: skip rows after this many seconds")
+    parser.add_argument(
+        "--plan",
+        choices=["offload", "offload-check", "levers"],
+        default="offload",
+        help="ours: which rows (offload: offloaded checkpoints + gradient accumulation; offload-check: its "
+        "follow-up, offloading on/off in one run; levers: the fused LoRA adds / SwiGLU rows of the first two "
+        "2026-11-30 runs)",
+    )
+    parser.add_argument(
+        "--memory-goal-gib",
+        type=float,
+        help="ours, plan offload: the memory cap of the row that must not use more than Unsloth (its peak)",
+    )
     args = parser.parse_args(argv)
 
     if args.step == "table":
@@ -71,7 +84,16 @@ def main(argv=None) -> int:
             args.out, args.checkpoint, args.steps, batches, args.cap_gib, not args.no_4bit, cfg, import_s
         )
     else:
-        bench_unsloth.run_ours(args.out, args.checkpoint, args.steps, args.cap_gib, args.deadline_s, cfg)
+        bench_unsloth.run_ours(
+            args.out,
+            args.checkpoint,
+            args.steps,
+            args.cap_gib,
+            args.deadline_s,
+            cfg,
+            plan=args.plan,
+            memory_goal_gib=args.memory_goal_gib,
+        )
     return 0
 
 

@@ -67,3 +67,65 @@ def test_picture_title_says_whether_the_model_is_cut():
 
     assert _shape_title(64) == "Qwen3-VL-32B shape (all 64 decoder layers)"
     assert _shape_title(16) == "Qwen3-VL-32B shape cut to 16 of its 64 decoder layers"
+
+
+def test_offload_plan_trains_the_same_samples_per_step_in_every_row():
+    from pcbvlm.bench_unsloth import offload_plan
+
+    plan = offload_plan(CONFIG, layers=64, memory_goal_gib=31.0)
+    settings = [s for row in plan for s in (row if isinstance(row, list) else [row])]
+    for s in settings:
+        if not s.naive:  # mb 16 x 1, 8 x 2, 4 x 4: the configured 16 samples per optimizer step
+            assert s.micro_batch * s.grad_accum == CONFIG.train.micro_batch == 16, s.name
+    assert sum(s.naive for s in settings) == 1
+    assert plan[0].offload_checkpoints and plan[0].uncheckpointed_layers == 0 and plan[0].cap_gib is None
+    no_recompute = next(s for s in settings if s.micro_batch == 4 and s.cap_gib is None)
+    assert no_recompute.uncheckpointed_layers == 64 and no_recompute.grad_accum == 4
+    # rows of alternatives: most uncheckpointed layers first; the row under Unsloth's peak has it as cap
+    for row in (r for r in plan if isinstance(r, list)):
+        kept = [s.uncheckpointed_layers for s in row if s.micro_batch == row[0].micro_batch]
+        assert kept == sorted(kept, reverse=True) and len(set(kept)) == len(kept)
+    under = next(r for r in plan if isinstance(r, list) and r[0].cap_gib)
+    assert all(s.cap_gib == 31.0 and "under 31 GiB" in s.name for s in under)
+    assert [s.micro_batch for s in under] == [8, 8, 4, 4]
+    # a 2-layer cut keeps the counts within its layers
+    small = offload_plan(CONFIG, layers=2)
+    assert all(
+        s.uncheckpointed_layers <= 2 for row in small for s in (row if isinstance(row, list) else [row])
+    )
+
+
+def test_a_row_of_alternatives_takes_the_first_that_fits(tmp_path):
+    import json
+
+    from pcbvlm.bench import Setting
+    from pcbvlm.bench_unsloth import OUT_OF_MEMORY, measure_rows
+
+    big, medium, small = (
+        Setting(n, 16, uncheckpointed_layers=k) for n, k in (("b", 20), ("m", 10), ("s", 0))
+    )
+    tried = []
+
+    def measure(setting):
+        tried.append(setting.name)
+        fits = setting.uncheckpointed_layers <= 10
+        return {"setting": setting.__dict__, "status": "ok" if fits else OUT_OF_MEMORY, "peak_gib": 80.0}
+
+    results = {"train": []}
+    out = tmp_path / "ours.json"
+    measure_rows(
+        [[big, medium, small], Setting("alone", 16, uncheckpointed_layers=30)],
+        measure,
+        lambda: False,
+        results,
+        out,
+    )
+    assert tried == ["b", "m", "alone"]
+    assert [r["setting"]["name"] for r in results["train"]] == ["m", "alone"]
+    assert results["train"][1]["status"] == OUT_OF_MEMORY  # a single setting's failure is its row
+    assert results["did_not_fit"] == [{"name": "b", "peak_gib": 80.0}]
+    assert json.loads(out.read_text())["train"][0]["setting"]["name"] == "m"
+
+    skipped = {"train": []}
+    measure_rows([[big, medium]], measure, lambda: True, skipped, out)
+    assert skipped["train"] == [{"setting": big.__dict__, "status": "skipped: deadline"}]

@@ -283,6 +283,7 @@ def test_qlora_step_term_by_term():
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "gradient_checkpointing": True,
         "uncheckpointed_layers": 0,
+        "offload_checkpoints": False,
         "fused_cross_entropy": False,
         "grad_accum": 2,
         "attn_implementation": "sdpa",

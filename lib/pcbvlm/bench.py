@@ -56,6 +56,8 @@ class Setting:
     cast_lora_inputs: bool = False  # peft's default fp32 upcast of adapter inputs (pcbvlm.modeling)
     fused_lora: bool = False  # LoRA scaling + add in the B matmul's epilogue (pcbvlm.fused_ops)
     fused_swiglu: bool = False  # Liger's SiLU-multiply kernel in the decoder MLPs (pcbvlm.fused_ops)
+    offload_checkpoints: bool = False  # checkpointed layers' inputs in pinned CPU memory (pcbvlm.offload)
+    cap_gib: float | None = None  # a lower GPU memory cap for this row (pcbvlm.bench_unsloth.run_ours)
     profile: bool = False  # one more step under torch.profiler (run_benchmark(profile=True))
 
 
@@ -311,7 +313,9 @@ def time_training(
             # a cut model (--layers) has fewer layers than the configured count
             uncheckpointed_layers=min(setting.uncheckpointed_layers, len(decoder_layers(model))),
             cast_lora_inputs=setting.cast_lora_inputs,
+            offload_checkpoints=setting.offload_checkpoints,
         )
+    offload = getattr(peft_model, "pcbvlm_checkpoint_offload", None)
     if setting.fused_lora:
         fuse_lora_adds(peft_model)
     if setting.fused_swiglu:  # Liger's Triton kernel on the GPU; its PyTorch twin on the CPU dry run
@@ -349,6 +353,10 @@ def time_training(
     try:
         result["warmup_loss"] = round(step(), 4)  # warm-up: kernels, allocator (LoRA B = 0: the base's loss)
         _sync()
+        if offload is not None:  # what one micro-batch moved to the host (the warm-up step's count)
+            result["offloaded_gib_per_micro_batch"] = gib(offload.packed_bytes / setting.grad_accum)
+            result["offloaded_inputs_per_micro_batch"] = offload.packed // setting.grad_accum
+            result["prefetched_of_unpacked"] = [offload.prefetched, offload.unpacked]
         begin = time.perf_counter()
         losses = [step() for _ in range(steps)]
         _sync()
@@ -564,7 +572,8 @@ def configured_setting(cfg, name: str = "configured") -> Setting:
     label = (
         f"{name} (mb {t.micro_batch}, answer logits, dropout {cfg.lora.dropout:g}, "
         f"{'Liger' if fused else 'no fused kernels'}, {t.uncheckpointed_layers} layers uncheckpointed"
-        f"{', fused LoRA adds' if t.fused_lora else ''}{', fused SwiGLU' if fused and t.fused_swiglu else ''})"
+        f"{', fused LoRA adds' if t.fused_lora else ''}{', fused SwiGLU' if fused and t.fused_swiglu else ''}"
+        f"{', offloaded checkpoints' if t.offload_checkpoints and t.gradient_checkpointing else ''})"
     )
     return Setting(
         label,
@@ -576,6 +585,7 @@ def configured_setting(cfg, name: str = "configured") -> Setting:
         uncheckpointed_layers=t.uncheckpointed_layers,
         fused_lora=t.fused_lora,
         fused_swiglu=fused and t.fused_swiglu,
+        offload_checkpoints=t.offload_checkpoints,
         profile=True,
     )
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,185 @@ def side_by_side_plan(cfg, layers: int) -> list[Setting]:
     ]
 
 
+# Uncheckpointed layers to try for the rows that keep as many as fit under the cap, most first, at
+# 64 layers (scaled to a cut). From the 64-layer run of 2026-11-30 (fused SwiGLU): ~1.9 GiB per
+# uncheckpointed layer at mb 16, 40.3 GiB with every layer checkpointed, 7.0 GiB of it the layer inputs
+# that offloading moves to the CPU: ~33 + 1.9 k GiB at mb 16 (k <= ~23 under 80), ~31 + 0.97 k at mb 8.
+FIT_MB16 = (22, 19, 16, 13)
+FIT_MB8 = (46, 42, 38, 34, 30)
+
+
+def _fit_down(layers: int, counts: tuple[int, ...]) -> list[int]:
+    """`counts` (meant for 64 layers) scaled to a model of `layers`, most first, without repeats."""
+    scaled = [max(1 if c else 0, min(layers, c * layers // 64)) for c in counts]
+    return list(dict.fromkeys(scaled))
+
+
+def _unique(settings: list[Setting]) -> list[Setting]:
+    """Alternatives without repeats (a cut model scales several counts to the same one)."""
+    return list({s.name: s for s in settings}.values())
+
+
+# Unsloth's peak at 64 layers, mb 16 (2026-11-30), for the row that must not use more; the run passes the
+# peak it measures itself (`--memory-goal-gib`).
+UNSLOTH_PEAK_GIB = 31.43
+
+
+def offload_plan(cfg, layers: int, memory_goal_gib: float | None = None) -> list[Setting | list[Setting]]:
+    """Issue 20's third round: offloaded checkpoint inputs (`train.offload_checkpoints`) and fewer
+    recomputed layers through smaller micro-batches with gradient accumulation (the same 16 samples per
+    optimizer step; the loss is weighted by answer tokens, so the update is the same). A list of
+    settings is one row: the first that fits under the cap (most uncheckpointed layers first). One row
+    runs under `memory_goal_gib` (Unsloth's peak) as its cap: the fastest of ours that uses no more."""
+    keep = min(cfg.train.uncheckpointed_layers, cfg.train.uncheckpointed_layers * layers // 64)
+    mb = cfg.train.micro_batch
+    common = dict(lora_dropout=cfg.lora.dropout, fused_kernels=cfg.train.fused_kernels != "none")
+    levers = dict(fused_lora=True, fused_swiglu=True, **common)
+
+    def accumulated(micro: int, kept: int, offload: bool, cap: float | None = None) -> Setting:
+        rest = "" if kept == layers else ", offloaded checkpoints"
+        under = f", under {cap:g} GiB (Unsloth's peak)" if cap else ""
+        return Setting(
+            f"mb {micro} x accum {mb // micro}, {kept} of {layers} uncheckpointed{rest if offload else ''}{under}",
+            micro,
+            grad_accum=mb // micro,
+            uncheckpointed_layers=kept,
+            offload_checkpoints=offload,
+            cap_gib=cap,
+            **levers,
+        )
+
+    goal = memory_goal_gib or UNSLOTH_PEAK_GIB
+    # (micro-batch 16 with every layer checkpointed and offloaded is the first row: not tried twice)
+    under_unsloth = [
+        *(accumulated(max(1, mb // 2), k, True, goal) for k in _fit_down(layers, (2, 0))),
+        *(accumulated(max(1, mb // 4), k, True, goal) for k in _fit_down(layers, (6, 0))),
+    ]
+
+    return [
+        Setting("+ offloaded checkpoints, all layers checkpointed", mb, offload_checkpoints=True, **levers),
+        NAIVE,
+        [accumulated(max(1, mb // 2), k, True) for k in _fit_down(layers, FIT_MB8)],
+        [accumulated(max(1, mb // 4), k, k < layers) for k in _fit_down(layers, (64, 56, 48))],
+        _unique(under_unsloth),
+        Setting(
+            f"configured + offloaded checkpoints, {keep} of {layers} uncheckpointed",
+            mb,
+            uncheckpointed_layers=keep,
+            offload_checkpoints=True,
+            **levers,
+        ),
+        [
+            Setting(
+                f"+ offloaded checkpoints, {k} of {layers} uncheckpointed",
+                mb,
+                uncheckpointed_layers=k,
+                offload_checkpoints=True,
+                **levers,
+            )
+            for k in _fit_down(layers, FIT_MB16)
+        ],
+        Setting(
+            f"configured (this branch), {keep} of {layers} uncheckpointed",
+            mb,
+            uncheckpointed_layers=keep,
+            **levers,
+        ),
+    ]
+
+
+def offload_check_plan(
+    cfg, layers: int, memory_goal_gib: float | None = None
+) -> list[Setting | list[Setting]]:
+    """The follow-up of `offload_plan` (no Unsloth rows): offloading on and off in the same run (speed,
+    memory, and whether the losses agree), the configured setting with and without it (the default),
+    mb 8 x 2 near the configured setting's memory and with the most layers that fit, the naive baseline
+    (the ratio in this run), mb 16 with offloading and the most layers that fit, and the first row once
+    more (run-to-run spread)."""
+    keep = min(cfg.train.uncheckpointed_layers, cfg.train.uncheckpointed_layers * layers // 64)
+    mb = cfg.train.micro_batch
+    levers = dict(
+        lora_dropout=cfg.lora.dropout,
+        fused_kernels=cfg.train.fused_kernels != "none",
+        fused_lora=True,
+        fused_swiglu=True,
+    )
+
+    def row(name: str, micro: int, kept: int, offload: bool) -> Setting:
+        return Setting(
+            name,
+            micro,
+            grad_accum=mb // micro,
+            uncheckpointed_layers=kept,
+            offload_checkpoints=offload,
+            **levers,
+        )
+
+    def accumulated(kept: int) -> Setting:
+        micro = max(1, mb // 2)
+        return row(
+            f"mb {micro} x accum {mb // micro}, {kept} of {layers} uncheckpointed, offloaded checkpoints",
+            micro,
+            kept,
+            True,
+        )
+
+    plain = row("all layers checkpointed, not offloaded", mb, 0, False)
+    return [
+        plain,
+        row("all layers checkpointed, offloaded checkpoints", mb, 0, True),
+        row(f"configured, {keep} of {layers} uncheckpointed, offloaded checkpoints", mb, keep, True),
+        row(f"configured, {keep} of {layers} uncheckpointed, not offloaded", mb, keep, False),
+        [accumulated(k) for k in _fit_down(layers, (22, 20))],
+        [accumulated(k) for k in _fit_down(layers, (36, 35, 34))],
+        NAIVE,
+        [
+            row(f"+ offloaded checkpoints, {k} of {layers} uncheckpointed", mb, k, True)
+            for k in _fit_down(layers, (17, 15, 13))
+        ],
+        row("all layers checkpointed, not offloaded (again: run-to-run spread)", mb, 0, False),
+    ]
+
+
+PLANS = {
+    "levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers),
+    "offload": offload_plan,
+    "offload-check": offload_check_plan,
+}
+
+
+OUT_OF_MEMORY = "out of memory under the cap"  # pcbvlm.bench.time_training's status
+
+
+def measure_rows(
+    rows: list[Setting | list[Setting]],
+    measure: Callable[[Setting], dict[str, Any]],
+    expired: Callable[[], bool],
+    results: dict[str, Any],
+    out_path: Path,
+) -> None:
+    """Measure every row into `results["train"]`, written to `out_path` after each. A row that is a list
+    of settings is the first of them that fits: one that runs out of memory under its cap goes to
+    `results["did_not_fit"]` and the next is tried (the last one's failure is the row's result). Once
+    `expired()`, the remaining rows are recorded as skipped."""
+    for row in rows:
+        alternatives = row if isinstance(row, list) else [row]
+        for n, setting in enumerate(alternatives):
+            if expired():
+                results["train"].append({"setting": setting.__dict__, "status": "skipped: deadline"})
+                break
+            result = measure(setting)
+            if result.get("status") == OUT_OF_MEMORY and n + 1 < len(alternatives):
+                results.setdefault("did_not_fit", []).append(
+                    {"name": setting.name, "peak_gib": result.get("peak_gib")}
+                )
+                _log(f"{setting.name}: out of memory under the cap, trying {alternatives[n + 1].name}")
+                continue
+            results["train"].append(result)
+            break
+        _write(out_path, results)
+
+
 def run_ours(
     out_path: Path,
     checkpoint: Path,
@@ -308,8 +488,12 @@ def run_ours(
     cap_gib: float,
     deadline_s: float | None = None,
     cfg=None,
+    plan: str = "offload",
+    memory_goal_gib: float | None = None,
 ) -> dict[str, Any]:
-    """This project's rows on the saved checkpoint, loaded the way training loads a model."""
+    """This project's rows on the saved checkpoint, loaded the way training loads a model; `plan` names
+    the rows (`PLANS`: "levers", the 2026-11-30 runs of fused LoRA adds and SwiGLU; "offload", the
+    offloaded checkpoints and the gradient-accumulation settings)."""
     from pcbvlm.modeling import decoder_layers, load_base_model
 
     started = time.perf_counter()
@@ -346,14 +530,19 @@ def run_ours(
     sample = benchmark_sample(checkpoint, cfg)  # the board image beside the checkpoint, not in the results
     layers = len(decoder_layers(model))
     results["layers"] = layers
-    for setting in side_by_side_plan(cfg, layers):
-        if deadline_s is not None and time.perf_counter() - started > deadline_s:
-            results["train"].append({"setting": setting.__dict__, "status": "skipped: deadline"})
-            continue
+    results["plan"] = plan
+
+    def measure(setting: Setting) -> dict[str, Any]:
         torch.manual_seed(0)
+        _cap(setting.cap_gib or cap_gib)
         result = time_training(model, cfg, processor, sample, setting, steps, _log, profile=setting.profile)
-        results["train"].append(result)
-        _write(out_path, results)
+        result["cap_gib"] = setting.cap_gib or cap_gib
+        return result
+
+    def expired() -> bool:
+        return deadline_s is not None and time.perf_counter() - started > deadline_s
+
+    measure_rows(PLANS[plan](cfg, layers, memory_goal_gib), measure, expired, results, out_path)
     ok = [r for r in results["train"] if r.get("status") == "ok"]
     naive = next((r for r in ok if r["setting"].get("naive")), None)
     if naive:

@@ -117,6 +117,10 @@ class TrainConfig(Section):
     # recomputing them in the backward pass (faster by ~1/64 of the recomputation each, ~450 KB per token
     # and layer more memory; the preflight counts them).
     uncheckpointed_layers: int = Field(0, ge=0)
+    # With checkpointing on: the checkpointed layers' inputs (one hidden state per token and layer, 7 GiB
+    # for the 32B at mb 16) wait for the backward pass in pinned CPU memory instead of on the GPU, copied
+    # on a side CUDA stream that overlaps the compute (pcbvlm.offload; the preflight counts the RAM).
+    offload_checkpoints: bool = False
     # Fused Triton kernels (Liger): RMSNorm, rotary, and a cross-entropy fused with lm_head that never
     # materialises the logits. auto = on a CUDA GPU when liger-kernel is installed; liger = required.
     fused_kernels: Literal["auto", "liger", "none"] = "auto"

@@ -145,10 +145,13 @@ def apply_lora(
     uncheckpointed_layers: int | None = None,
     cast_lora_inputs: bool = False,
     fused_lora: bool = False,
+    offload_checkpoints: bool | None = None,
 ):
     """Wrap the model with LoRA adapters; the base stays frozen. `cast_lora_inputs=True` keeps peft's
     default fp32 upcast of adapter inputs (see keep_lora_inputs_in_compute_dtype); `fused_lora=True`
-    adds each adapter's output in its B matmul's epilogue (`pcbvlm.fused_ops.fuse_lora_adds`)."""
+    adds each adapter's output in its B matmul's epilogue (`pcbvlm.fused_ops.fuse_lora_adds`);
+    `offload_checkpoints` (default train.offload_checkpoints) keeps the checkpointed layers' inputs in
+    CPU memory (`pcbvlm.offload`; the offloader is `peft_model.pcbvlm_checkpoint_offload`)."""
     from peft import LoraConfig, get_peft_model
 
     gradient_checkpointing = (
@@ -170,6 +173,13 @@ def apply_lora(
         # run plainly and keep their activations, the others recompute theirs in the backward pass.
         for layer in layers[len(layers) - keep :]:
             layer.gradient_checkpointing = False
+    offload = None
+    if gradient_checkpointing and (
+        cfg.train.offload_checkpoints if offload_checkpoints is None else offload_checkpoints
+    ):
+        from pcbvlm.offload import offload_checkpointed_inputs
+
+        offload = offload_checkpointed_inputs(decoder_layers(model))
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -185,6 +195,7 @@ def apply_lora(
         from pcbvlm.fused_ops import fuse_lora_adds
 
         fuse_lora_adds(peft_model)
+    peft_model.pcbvlm_checkpoint_offload = offload
     return peft_model
 
 

@@ -741,6 +741,13 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     stopper.uninstall()
     seconds = time.perf_counter() - begin
     stopped_early = guard.triggered_free is not None or stopper.received is not None
+    offload = getattr(model, "pcbvlm_checkpoint_offload", None)
+    if offload is not None and is_main:  # train.offload_checkpoints: what went through host memory
+        log.info(
+            "checkpointed layer inputs offloaded to CPU memory: %d copies, %.2f GiB",
+            offload.packed,
+            offload.packed_bytes / 2**30,
+        )
 
     eval_loss = None
     if val_ds is not None and not stopped_early:
@@ -820,6 +827,11 @@ def enable_full_training(model, cfg: Config) -> None:
         param.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.offload_checkpoints:
+            from pcbvlm.modeling import decoder_layers
+            from pcbvlm.offload import offload_checkpointed_inputs
+
+            model.pcbvlm_checkpoint_offload = offload_checkpointed_inputs(decoder_layers(model))
 
 
 def save_full_model(model, processor, target: Path) -> Path:

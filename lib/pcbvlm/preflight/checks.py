@@ -462,6 +462,8 @@ def _check_ram(job: str, need: Estimate, facts: Facts, shape: ModelShape | None,
     fix = f"free RAM or use a host with >= {need.total_gib:.0f} GiB"
     if job == "merge":
         fix += "; or resources.merge_device=cuda (the merge then needs that much GPU memory instead)"
+    elif job == "train" and any(i.name.startswith("offloaded checkpoint inputs") for i in need.items):
+        fix += "; or train.offload_checkpoints=false (the checkpointed layers' inputs then stay on the GPU)"
     elif job == "quantize":
         fix += " (llm-compressor holds the whole bf16 model in RAM and moves one layer at a time to the GPU)"
     return Check("ram", "fail", detail, fix)

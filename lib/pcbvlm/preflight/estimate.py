@@ -217,6 +217,7 @@ def estimate_train_vram(
     fused_cross_entropy: bool | None = None,
     layout: Layout | None = None,
     fused_swiglu: bool | None = None,
+    offload_checkpoints: bool | None = None,
 ) -> Estimate:
     """Peak GPU memory of one QLoRA/LoRA training step, per GPU.
 
@@ -234,7 +235,9 @@ def estimate_train_vram(
     logits/loss (`LOGITS_FP32_COPIES`), or with Liger's fused cross-entropy (train.fused_kernels) only
     one chunk of them; the vision tower's forward buffers; and the margin. `fused_swiglu` (default:
     train.fused_swiglu where Liger's kernels are expected) keeps one intermediate-wide tensor less per
-    token and layer.
+    token and layer. `offload_checkpoints` (default train.offload_checkpoints): the checkpointed hidden
+    states wait in CPU RAM (`checkpoint_offload_bytes`, counted by `estimate_ram`); the GPU holds two of
+    them at a time (the one being copied back and the one in use).
 
     `layout` (default: the one `train.accelerate_profile` names, `layout_of`): several processes, one GPU
     each, change the static terms only (each GPU runs its own micro-batch): see `_parallel_items`.
@@ -296,12 +299,20 @@ def estimate_train_vram(
         shape.num_layers,
     )
     fused = fused_cross_entropy if fused_cross_entropy is not None else fused_kernels_expected(cfg)
+    offload = offload_checkpoints if offload_checkpoints is not None else cfg.train.offload_checkpoints
     if gc:
+        checkpointed = shape.num_layers - keep
+        in_flight = min(2, checkpointed) if offload else checkpointed
         items.append(
             Item(
-                "checkpointed hidden states",
-                (shape.num_layers - keep) * tokens * shape.hidden_size * act,
-                f"{shape.num_layers - keep} layers x {mb} x {seq} tokens x hidden",
+                "checkpointed hidden states" + (" in flight" if offload else ""),
+                in_flight * tokens * shape.hidden_size * act,
+                f"{in_flight} layers x {mb} x {seq} tokens x hidden"
+                + (
+                    f"; the other {checkpointed - in_flight} in CPU RAM (train.offload_checkpoints)"
+                    if offload
+                    else ""
+                ),
                 "held",
             )
         )
@@ -377,6 +388,7 @@ def estimate_train_vram(
         "lora_targets": targets,
         "gradient_checkpointing": gc,
         "uncheckpointed_layers": keep if gc else shape.num_layers,
+        "offload_checkpoints": bool(gc and offload),
         "fused_cross_entropy": fused,
         "grad_accum": accum,
         "attn_implementation": attn,
@@ -826,6 +838,18 @@ def suggest_eval_fit(
     return f"{head}: nothing fits even at batch 1 (use a larger GPU, or free it)"
 
 
+def checkpoint_offload_bytes(model: Any, cfg: Config) -> int:
+    """Pinned CPU RAM that train.offload_checkpoints takes per host: the input hidden state of every
+    checkpointed decoder layer of one micro-batch, for each training process (0 when it is off)."""
+    t = cfg.train
+    if not (t.offload_checkpoints and t.gradient_checkpointing):
+        return 0
+    shape = ModelShape.from_config(model)
+    layers = shape.num_layers - (0 if t.method == "full" else min(t.uncheckpointed_layers, shape.num_layers))
+    per_process = layers * t.micro_batch * sample_tokens(cfg, shape) * shape.hidden_size
+    return per_process * _dtype_bytes(t.precision) * layout_of(cfg).processes
+
+
 def estimate_ram(job: str, model: Any | None, cfg: Config) -> Estimate:
     """CPU RAM of a job (`model` None: the shape is unknown and only the fixed terms count).
 
@@ -857,6 +881,15 @@ def estimate_ram(job: str, model: Any | None, cfg: Config) -> Estimate:
         if counts is not None:
             shard = min(SHARD_BYTES, counts.total * 2)
             items.append(Item("loading buffer", shard, "one safetensors shard (at most 5 GB)", "transient"))
+        offloaded = checkpoint_offload_bytes(model, cfg) if job == "train" and model is not None else 0
+        if offloaded:
+            items.append(
+                Item(
+                    "offloaded checkpoint inputs (pinned)",
+                    offloaded,
+                    "train.offload_checkpoints: one hidden state per checkpointed layer and token",
+                )
+            )
         if job == "train" and cfg.train.num_workers:
             items.append(
                 Item(
