@@ -599,8 +599,9 @@ def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path)
     speed.set_xlabel("s / sample (lower is faster)")
     memory.set_xlabel("peak GiB")
     speed.invert_yaxis()
+    legend = "; orange: Unsloth" if "tab:orange" in colors else " (this project's rows only)"
     fig.suptitle(
-        f"Training step, {_shape_title((ours or {}).get('layers'))}, random weights, same batch; orange: Unsloth"
+        f"Training step, {_shape_title((ours or {}).get('layers'))}, random weights, same batch{legend}"
     )
     for ax in (speed, memory):
         ax.grid(axis="x", alpha=0.3)
