@@ -243,7 +243,6 @@ def generate_batch(
     prompt_lookup_tokens: int | None = None,
     decoder: str | None = None,
     draft_tokens: int | None = None,
-    compile_step: bool | None = None,
 ) -> list[tuple[str, list[tuple[int, int]], list[float]]]:
     """Greedy generation for a batch of chats; per sample: (text, token offsets, token probabilities).
     `cache_implementation` (default: the model's eval.kv_cache) "static" pre-allocates the KV cache,
@@ -270,8 +269,6 @@ def generate_batch(
     image_tokens = [processor.tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
     if (decoder or loaded.decoder) == "graph":
         drafts = loaded.draft_tokens if draft_tokens is None else draft_tokens
-        if compile_step is not None:
-            loaded.compile_decoder = compile_step
         result = _graph_decoder(loaded, image_tokens).generate(
             dict(inputs), max_new_tokens, min_new_tokens or 0, drafts if len(messages_batch) == 1 else 0
         )

@@ -24,6 +24,7 @@ length: they are masked and overwritten by the next step.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,6 +133,13 @@ class GraphDecoder:
         # int4 matmuls (BENCHMARKS.md).
         self.compile_step = compile_step
         self._compiled_step = None
+        if compile_step and self.device.type == "cpu" and shutil.which("g++") is None:
+            from pcbvlm.errors import UserError
+
+            raise UserError(
+                "eval.compile_decoder: torch.compile on the CPU needs a C++ compiler (g++), and none is "
+                "installed; set eval.compile_decoder=false (it is meant for GPUs)"
+            )
         self._state: dict | None = None
 
     # -- the step -------------------------------------------------------------------------------------
