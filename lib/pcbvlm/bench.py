@@ -877,6 +877,20 @@ def quantize_language_model_int4(model, kernel: str, group_size: int = 128, seed
     return count
 
 
+def _prompt_and_answer_ids(processor, sample) -> tuple[list[int], list[int]]:
+    """The token ids of a training sample's prompt (chat template, generation prompt) and of its answer."""
+    tok = processor.tokenizer
+    prompt = processor.apply_chat_template(
+        sample["messages"][:-1], tokenize=False, add_generation_prompt=True
+    )
+    answer = sample["messages"][-1]["content"]
+    answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
+    return (
+        tok(prompt, add_special_tokens=False)["input_ids"],
+        tok(answer, add_special_tokens=False)["input_ids"],
+    )
+
+
 def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
     """Forward passes prompt-lookup decoding takes for the sample's real answer if the model's greedy
     answer is that answer: transformers' own `PromptLookupCandidateGenerator` drafts from the prompt and
@@ -889,13 +903,7 @@ def prompt_lookup_passes(processor, sample, num_tokens: int) -> dict[str, int]:
     from pcbvlm.generate import IMAGE_TOKENS
 
     tok = processor.tokenizer
-    prompt = processor.apply_chat_template(
-        sample["messages"][:-1], tokenize=False, add_generation_prompt=True
-    )
-    answer = sample["messages"][-1]["content"]
-    answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    prompt_ids, answer_ids = _prompt_and_answer_ids(processor, sample)
     barred = [tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
     generator = PromptLookupCandidateGenerator(
         num_output_tokens=num_tokens,
@@ -990,13 +998,7 @@ def graph_draft_passes(processor, sample, drafts: tuple[int, ...]) -> dict[str, 
     from pcbvlm.graphdecode import drafted_passes
 
     tok = processor.tokenizer
-    prompt = processor.apply_chat_template(
-        sample["messages"][:-1], tokenize=False, add_generation_prompt=True
-    )
-    answer = sample["messages"][-1]["content"]
-    answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    prompt_ids, answer_ids = _prompt_and_answer_ids(processor, sample)
     barred = {tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS}
     return {
         "answer_tokens": len(answer_ids),
@@ -1294,6 +1296,8 @@ def int4_chart(results: dict[str, Any], path: Path, notes: dict[tuple[str, int],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from pcbvlm.io import atomic_write_figure
+
     rows = [r for r in results["generate"] if r.get("status") == "ok"]
     figure = Figure(figsize=(11, 5.5))
     FigureCanvasAgg(figure)
@@ -1321,8 +1325,7 @@ def int4_chart(results: dict[str, Any], path: Path, notes: dict[tuple[str, int],
         axis.legend(fontsize=7, loc="lower right")
     figure.suptitle(f"Qwen3-VL-32B shape, random weights, {results['gpu']}, {results['cap_gib']} GiB cap")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return atomic_write_figure(figure, path, dpi=110)
 
 
 A800_BANDWIDTH_RATIO = 4.8 / 2.0  # H200 / A800 memory bandwidth: decoding reads every weight per token

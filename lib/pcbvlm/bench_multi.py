@@ -412,6 +412,8 @@ def plot_profiles(rows: list[dict[str, Any]], out: Path, cap_gib: float = 80.0) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pcbvlm.io import atomic_write_figure
+
     if not rows:
         raise ValueError("no measured profile to plot")
     full = max(r["layers"] for r in rows)
@@ -440,8 +442,6 @@ def plot_profiles(rows: list[dict[str, Any]], out: Path, cap_gib: float = 80.0) 
     memory.legend(loc="upper left")
     fig.suptitle(f"QLoRA on the Qwen3-VL-32B shape ({full} layers unless marked), micro-batch 16 per GPU")
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_write_figure(fig, out)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -581,7 +581,7 @@ def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from pcbvlm.io import atomic_write_bytes
+    from pcbvlm.io import atomic_write_figure
 
     rows = [
         r
@@ -606,8 +606,4 @@ def plot(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, path: Path)
     for ax in (speed, memory):
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_figure(fig, path)

@@ -45,6 +45,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def atomic_write_figure(figure, path: str | Path, **savefig_kwargs) -> Path:
+    """A matplotlib figure as a PNG at `path`, written like `atomic_write_bytes` (no half-drawn picture)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", **savefig_kwargs)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

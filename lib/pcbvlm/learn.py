@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -433,6 +432,8 @@ def plot_curve(curve: list[dict[str, Any]], title: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pcbvlm.io import atomic_write_figure
+
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     xs = [c["samples_seen"] for c in curve]
     for key, color in (("fscore", "#d62728"), ("precision", "#1f77b4"), ("recall", "#2ca02c")):
@@ -445,10 +446,8 @@ def plot_curve(curve: list[dict[str, Any]], title: str, out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_write_figure(fig, out)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

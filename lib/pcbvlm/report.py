@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pcbvlm.io import atomic_write_bytes, atomic_write_text
+from pcbvlm.io import atomic_write_bytes, atomic_write_figure, atomic_write_text
 from pcbvlm.metrics import DEEPPCB_IOU, DetectionResult, EvalImage, ImageMatch
 
 GT_COLOR = (0, 190, 0)
@@ -119,9 +119,7 @@ def plot_pr_curves(path: str | Path, result: DetectionResult) -> Path:
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_figure(fig, path)
 
 
 @dataclass(frozen=True)

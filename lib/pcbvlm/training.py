@@ -33,7 +33,7 @@ import torch
 
 from pcbvlm.config import Config, write_resolved
 from pcbvlm.errors import DataError, DiskGuardStop, Interrupted, UserError
-from pcbvlm.io import atomic_directory, atomic_write_json
+from pcbvlm.io import atomic_directory, atomic_write_figure, atomic_write_json
 from pcbvlm.provenance import write_adapter_provenance
 from pcbvlm.runs import (
     ADAPTER_DIR,
@@ -360,10 +360,8 @@ def plot_loss(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_write_figure(fig, out_path)
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path
 
 
