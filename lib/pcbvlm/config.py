@@ -182,8 +182,8 @@ class EvalConfig(Section):
     # to generate only; draft_tokens to graph only (batch 1: drafted tokens verified per step, 0 = off).
     decoder: Literal["generate", "graph"] = "generate"
     draft_tokens: int = Field(0, ge=0, le=15)
-    # graph only: torch.compile the decoding step before it is captured (fewer, fused small kernels; a
-    # compilation of ~1-3 min per batch shape on the 32B; BENCHMARKS.md).
+    # graph only: torch.compile the decoding step before it is captured (fewer, fused small kernels; on
+    # the 32B ~1.5-2 min of compilation per batch-1 shape, unfinished after ~3 min at batch 128; BENCHMARKS.md).
     compile_decoder: bool = False
     # Batch 1 only: draft up to N tokens by prompt lookup (repeated n-grams: the answer's JSON scaffolding)
     # and verify them in one forward pass; the same greedy answer. 0 = off. Needs the dynamic KV cache.
