@@ -8,8 +8,9 @@
 #   3. Unsloth's rows (first: the most uncertain part), 4. this project's rows, 5. the table.
 # Variables: LAYERS (16), STEPS (4), BUDGET (540), UNSLOTH_MB (Unsloth's micro-batches, "16,8"), CKPT_TIMEOUT (150 s
 # for building and saving the checkpoint; the 64-layer one took 98 s), PLAN (our rows: offload, the default,
-# offload-check, or levers: the rows of the first two runs), GPU (the CUDA device, 0), UNSLOTH=0 (no Unsloth
-# rows), TAG (suffix of the result files). The 64-layer runs of 2026-11-30: LAYERS=64 STEPS=3 UNSLOTH_MB=16
+# offload-check, compile, compile-eager, or levers: the rows of the first two runs), GPU (the CUDA device, 0),
+# UNSLOTH=0 (no Unsloth rows), UNSLOTH_PROFILE=1 (one profiled Unsloth step per row), WAIT_CKPT=1 (wait up to
+# CKPT_TIMEOUT for another process to write the checkpoint), TAG (suffix of the result files). The 64-layer runs of 2026-11-30: LAYERS=64 STEPS=3 UNSLOTH_MB=16
 # CKPT_TIMEOUT=200 (PLAN=levers; then PLAN=offload GPU=1; then PLAN=offload-check UNSLOTH=0 TAG=-check GPU=0
 # on a single H200).
 set -o pipefail
@@ -38,7 +39,7 @@ else
   PY=python3
   SITE=/tmp/site20
   SITE_U=/tmp/site20u
-  CKPT_ARGS=""; UNSLOTH_ARGS="--micro-batches ${UNSLOTH_MB:-16,8}"; OURS_ARGS=""
+  CKPT_ARGS=""; UNSLOTH_ARGS="--micro-batches ${UNSLOTH_MB:-16,8}${UNSLOTH_PROFILE:+ --profile}"; OURS_ARGS=""
   # The project's GPU wheels for every step; Unsloth and its dependencies (trl, datasets, torchao, ...)
   # in a folder of their own that only the Unsloth steps see, so our rows run in the usual environment.
   timeout 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
@@ -57,6 +58,9 @@ say "start: layers $LAYERS, steps $STEPS; $($PY -c 'import torch;print(torch.__v
 print('import ok: unsloth', unsloth.__version__, 'zoo', unsloth_zoo.__version__, 'trl', trl.__version__)" \
   > /tmp/import20.log 2>&1; echo "import check exit $?" >> /tmp/import20.log ) &
 IMPORT_PID=$!
+if [ -n "$WAIT_CKPT" ]; then  # another process on the host writes it (two GPUs, one checkpoint)
+  while [ ! -f $CKPT/config.json ] && [ $SECONDS -lt ${CKPT_TIMEOUT:-150} ]; do sleep 5; done
+fi
 if [ -f $CKPT/config.json ]; then  # a finished one (written as .partial, then renamed) from an earlier call
   say "checkpoint $CKPT already there"
 else

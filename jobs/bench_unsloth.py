@@ -33,16 +33,19 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline-s", type=float, help="ours: skip rows after this many seconds")
     parser.add_argument(
         "--plan",
-        choices=["offload", "offload-check", "levers"],
+        choices=["offload", "offload-check", "levers", "compile", "compile-eager"],
         default="offload",
         help="ours: which rows (offload: offloaded checkpoints + gradient accumulation; offload-check: its "
         "follow-up, offloading on/off in one run; levers: the fused LoRA adds / SwiGLU rows of the first two "
-        "2026-11-30 runs)",
+        "2026-11-30 runs; compile: compiled decoder layers; compile-eager: the same rows eager, and naive)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="unsloth: one more step under torch.profiler per row"
     )
     parser.add_argument(
         "--memory-goal-gib",
         type=float,
-        help="ours, plan offload: the memory cap of the row that must not use more than Unsloth (its peak)",
+        help="ours, plans offload and compile: the memory cap of the row that must not use more than Unsloth (its peak)",
     )
     args = parser.parse_args(argv)
 
@@ -81,7 +84,15 @@ def main(argv=None) -> int:
     if args.step == "unsloth":
         batches = tuple(int(b) for b in args.micro_batches.split(",") if b.strip())
         bench_unsloth.run_unsloth(
-            args.out, args.checkpoint, args.steps, batches, args.cap_gib, not args.no_4bit, cfg, import_s
+            args.out,
+            args.checkpoint,
+            args.steps,
+            batches,
+            args.cap_gib,
+            not args.no_4bit,
+            cfg,
+            import_s,
+            profile=args.profile,
         )
     else:
         bench_unsloth.run_ours(

@@ -129,3 +129,18 @@ def test_a_row_of_alternatives_takes_the_first_that_fits(tmp_path):
     skipped = {"train": []}
     measure_rows([[big, medium]], measure, lambda: True, skipped, out)
     assert skipped["train"] == [{"setting": big.__dict__, "status": "skipped: deadline"}]
+
+
+def test_compile_plan_pairs_every_compiled_row_with_its_eager_twin():
+    from pcbvlm.bench_unsloth import PLANS
+
+    compiled, eager = PLANS["compile"](CONFIG, 64), PLANS["compile-eager"](CONFIG, 64)
+    first = [s for row in compiled for s in (row if isinstance(row, list) else [row])]
+    assert all(s.compile_layers for s in first)
+    assert not any(s.compile_layers for s in eager) and sum(s.naive for s in eager) == 1
+
+    def shape(s):
+        return (s.micro_batch, s.grad_accum, s.uncheckpointed_layers, s.offload_checkpoints)
+
+    assert {shape(s) for s in eager if not s.naive} <= {shape(s) for s in first}
+    assert all(s.micro_batch * s.grad_accum == 16 for s in first + eager if not s.naive)

@@ -59,6 +59,10 @@ class Setting:
     offload_checkpoints: bool = False  # checkpointed layers' inputs in pinned CPU memory (pcbvlm.offload)
     cap_gib: float | None = None  # a lower GPU memory cap for this row (pcbvlm.bench_unsloth.run_ours)
     profile: bool = False  # one more step under torch.profiler (run_benchmark(profile=True))
+    # each decoder layer through torch.compile (pcbvlm.layer_compile); Liger then only fuses the loss,
+    # unless `liger_in_compiled_layers` (whether Dynamo traces Liger's in-layer kernels, and what they add)
+    compile_layers: bool = False
+    liger_in_compiled_layers: bool = False
 
 
 def _sync() -> None:
@@ -208,11 +212,12 @@ class FusedKernels:
     generation) measures the plain model: the module-level functions are restored and the per-instance
     `forward` bindings removed."""
 
-    def __init__(self, model, fused_cross_entropy: bool = True) -> None:
+    def __init__(self, model, fused_cross_entropy: bool = True, in_layers: bool = True) -> None:
         import importlib
 
         self.model = model
         self.fused_cross_entropy = fused_cross_entropy
+        self.in_layers = in_layers
         # Liger patches names of the model's modeling module (rotary functions, RMSNorm classes): all of
         # its names are kept and put back, whichever the family's patch replaces.
         self.module = importlib.import_module(type(model).__module__)
@@ -221,7 +226,9 @@ class FusedKernels:
     def __enter__(self):
         from pcbvlm.modeling import apply_fused_kernels
 
-        apply_fused_kernels(self.model, fused_cross_entropy=self.fused_cross_entropy)
+        apply_fused_kernels(
+            self.model, fused_cross_entropy=self.fused_cross_entropy, in_layers=self.in_layers
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -292,11 +299,13 @@ def time_training(
     (with `profile`, one more step under torch.profiler: GPU time by kernel family)."""
     from pcbvlm.collator import TrainCollator, keep_answer_logits
     from pcbvlm.fused_ops import fuse_lora_adds, fuse_swiglu, torch_silu_mul
+    from pcbvlm.layer_compile import compile_decoder_layers, uncompile_decoder_layers
     from pcbvlm.modeling import apply_lora, decoder_layers
 
     device = model.device
     on_gpu = device.type == "cuda"
-    fused = FusedKernels(model) if setting.fused_kernels else None
+    liger_in_layers = not setting.compile_layers or setting.liger_in_compiled_layers
+    fused = FusedKernels(model, in_layers=liger_in_layers) if setting.fused_kernels else None
     if fused:
         fused.__enter__()  # undone in the `finally` below, with the adapters
     cfg = cfg.model_copy(deep=True)
@@ -318,8 +327,10 @@ def time_training(
     offload = getattr(peft_model, "pcbvlm_checkpoint_offload", None)
     if setting.fused_lora:
         fuse_lora_adds(peft_model)
-    if setting.fused_swiglu:  # Liger's Triton kernel on the GPU; its PyTorch twin on the CPU dry run
+    if setting.fused_swiglu and liger_in_layers:  # Liger's kernel on the GPU; its PyTorch twin on the CPU
         fuse_swiglu(model, None if on_gpu else torch_silu_mul)
+    if setting.compile_layers:
+        compile_decoder_layers(decoder_layers(model))
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
@@ -333,26 +344,31 @@ def time_training(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step() -> float:
-        loss_value = 0.0
+        # The loss stays on the GPU until the optimizer step, as in the Trainer: reading it after each
+        # micro-batch would stall the GPU until the CPU has queued the next micro-batch's first kernels.
+        loss_value = torch.zeros((), device=device)
         for _ in range(setting.grad_accum):
             with autocast:
                 loss = peft_model(**batch).loss / setting.grad_accum
             loss.backward()
-            loss_value += loss.item()
+            loss_value += loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss_value
+        return loss_value.item()
 
     _reset_peak()
     result: dict[str, Any] = {
         "setting": setting.__dict__,
+        "began_at": round(time.time(), 1),  # wall clock: rows of two GPUs of one host can be lined up
         "tokens_per_sample": tokens_per_sample,
         "answer_tokens": answer_tokens,
         "lora_parameters": lora_params,
     }
     try:
+        begin = time.perf_counter()
         result["warmup_loss"] = round(step(), 4)  # warm-up: kernels, allocator (LoRA B = 0: the base's loss)
         _sync()
+        result["warmup_s"] = round(time.perf_counter() - begin, 1)  # with compile_layers: the compilation
         if offload is not None:  # what one micro-batch moved to the host (the warm-up step's count)
             result["offloaded_gib_per_micro_batch"] = gib(offload.packed_bytes / setting.grad_accum)
             result["offloaded_inputs_per_micro_batch"] = offload.packed // setting.grad_accum
@@ -361,6 +377,12 @@ def time_training(
         losses = [step() for _ in range(steps)]
         _sync()
         seconds = time.perf_counter() - begin
+        if setting.compile_layers:  # whether the layers compiled whole (graph breaks leave parts eager)
+            counters = torch._dynamo.utils.counters
+            result["dynamo"] = {
+                "unique_graphs": counters["stats"]["unique_graphs"],
+                "graph_breaks": dict(counters["graph_break"].most_common(5)),
+            }
         if profile:
             try:
                 result["profile"] = profile_step(step)
@@ -375,6 +397,7 @@ def time_training(
             peak_gib=_peak_gib(),
             loss=round(losses[-1], 4),
             losses=[round(v, 4) for v in losses],
+            ended_at=round(time.time(), 1),
         )
     except torch.OutOfMemoryError:
         result.update(status="out of memory under the cap", peak_gib=_peak_gib())
@@ -390,6 +413,8 @@ def time_training(
             fused.__exit__(None, None, None)
         for layer in decoder_layers(model):  # fuse_swiglu's per-instance forward
             layer.mlp.__dict__.pop("forward", None)
+        if setting.compile_layers:
+            uncompile_decoder_layers(decoder_layers(model))
         model.gradient_checkpointing_disable()
         if on_gpu:
             torch.cuda.empty_cache()
@@ -573,7 +598,8 @@ def configured_setting(cfg, name: str = "configured") -> Setting:
         f"{name} (mb {t.micro_batch}, answer logits, dropout {cfg.lora.dropout:g}, "
         f"{'Liger' if fused else 'no fused kernels'}, {t.uncheckpointed_layers} layers uncheckpointed"
         f"{', fused LoRA adds' if t.fused_lora else ''}{', fused SwiGLU' if fused and t.fused_swiglu else ''}"
-        f"{', offloaded checkpoints' if t.offload_checkpoints and t.gradient_checkpointing else ''})"
+        f"{', offloaded checkpoints' if t.offload_checkpoints and t.gradient_checkpointing else ''}"
+        f"{', compiled layers' if t.compile_layers else ''})"
     )
     return Setting(
         label,
@@ -586,6 +612,7 @@ def configured_setting(cfg, name: str = "configured") -> Setting:
         fused_lora=t.fused_lora,
         fused_swiglu=fused and t.fused_swiglu,
         offload_checkpoints=t.offload_checkpoints,
+        compile_layers=t.compile_layers,
         profile=True,
     )
 

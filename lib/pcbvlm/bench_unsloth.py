@@ -42,6 +42,7 @@ from pcbvlm.bench import (
     benchmark_sample,
     build_random_model,
     configured_setting,
+    profile_step,
     time_training,
 )
 from pcbvlm.shapes import qwen3_vl_32b_shape
@@ -113,9 +114,12 @@ def _batch(processor, sample, micro_batch: int, device) -> tuple[dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}, tokens, answer
 
 
-def time_steps(model, batch, micro_batch: int, steps: int, result: dict[str, Any]) -> None:
+def time_steps(
+    model, batch, micro_batch: int, steps: int, result: dict[str, Any], profile: bool = False
+) -> None:
     """One warm-up step, then `steps` timed optimizer steps (bf16 autocast, fused AdamW on a GPU);
-    fills `result` with s/sample, peak memory and losses."""
+    fills `result` with s/sample, peak memory and losses (`profile`: one more step under
+    torch.profiler, GPU time by kernel family, as for this project's rows)."""
     device = next(p.device for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     result["lora_parameters"] = sum(p.numel() for p in params)
@@ -131,6 +135,7 @@ def time_steps(model, batch, micro_batch: int, steps: int, result: dict[str, Any
         return loss.item()
 
     _reset_peak()
+    result["began_at"] = round(time.time(), 1)
     try:
         result["warmup_loss"] = round(step(), 4)
         _sync()
@@ -138,6 +143,11 @@ def time_steps(model, batch, micro_batch: int, steps: int, result: dict[str, Any
         losses = [step() for _ in range(steps)]
         _sync()
         seconds = time.perf_counter() - begin
+        if profile:
+            try:
+                result["profile"] = profile_step(step)
+            except Exception as exc:  # a diagnostic: never lose the timing for it
+                result["profile"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         samples = steps * micro_batch
         result.update(
             status="ok",
@@ -147,6 +157,7 @@ def time_steps(model, batch, micro_batch: int, steps: int, result: dict[str, Any
             peak_gib=_peak_gib(),
             loss=round(losses[-1], 4),
             losses=[round(v, 4) for v in losses],
+            ended_at=round(time.time(), 1),
         )
     except torch.OutOfMemoryError:
         result.update(status="out of memory under the cap", peak_gib=_peak_gib())
@@ -166,6 +177,7 @@ def run_unsloth(
     load_in_4bit: bool = True,
     cfg=None,
     import_s: float | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Unsloth's rows (see the module docstring); every failure is recorded with its error."""
     results: dict[str, Any] = {"side": "unsloth", "checkpoint": str(checkpoint), "train": []}
@@ -234,7 +246,7 @@ def run_unsloth(
             "tokens_per_sample": tokens,
             "answer_tokens": answer,
         }
-        time_steps(model, batch, micro_batch, steps, result)
+        time_steps(model, batch, micro_batch, steps, result, profile=profile)
         _log(f"train {result['setting']['name']}: {result}")
         results["train"].append(result)
         _write(out_path, results)
@@ -442,10 +454,64 @@ def offload_check_plan(
     ]
 
 
+def compile_plan(
+    cfg, layers: int, memory_goal_gib: float | None = None, compiled: bool = True
+) -> list[Setting | list[Setting]]:
+    """Issue 20's compiled decoder layers (`train.compile_layers`), or with `compiled=False` the same
+    rows eager and the naive baseline, as run on 2026-11-30 (`bench/gpu/issue20-compile.sh`): Unsloth's
+    memory (mb 16, every layer checkpointed, offloaded; compiled also capped at Unsloth's peak), mb 8 x 2
+    with the most uncheckpointed layers that fit, mb 4 x 4 with nothing recomputed, the configured
+    setting, and (compiled) Liger's kernels inside the compiled layers."""
+    mb = cfg.train.micro_batch
+    keep = min(cfg.train.uncheckpointed_layers, cfg.train.uncheckpointed_layers * layers // 64)
+    levers = dict(
+        lora_dropout=cfg.lora.dropout,
+        fused_kernels=cfg.train.fused_kernels != "none",
+        fused_lora=True,
+        fused_swiglu=True,
+        compile_layers=compiled,
+    )
+
+    def row(micro: int, kept: int, offload: bool, note: str = "", **extra) -> Setting:
+        label = (
+            f"{'compiled' if compiled else 'eager'}, mb {micro} x accum {mb // micro}, {kept} of {layers} "
+            f"uncheckpointed{', offloaded checkpoints' if offload else ''}{note}"
+        )
+        return Setting(
+            label,
+            micro,
+            grad_accum=mb // micro,
+            uncheckpointed_layers=kept,
+            offload_checkpoints=offload,
+            **levers,
+            **extra,
+        )
+
+    half, quarter = max(1, mb // 2), max(1, mb // 4)
+    if not compiled:
+        return [
+            row(mb, 0, True, profile=True),
+            row(quarter, layers, False, profile=True),
+            row(mb, keep, False, " (the default)"),
+            NAIVE,
+        ]
+    goal = memory_goal_gib or UNSLOTH_PEAK_GIB
+    return [
+        row(mb, 0, True, profile=True),
+        [row(half, k, True) for k in _fit_down(layers, (44, 40, 36))],
+        row(quarter, layers, False, profile=True),
+        row(mb, 0, True, f", under {goal:g} GiB (Unsloth's peak)", cap_gib=goal),
+        row(mb, keep, False, " (the default + compiled layers)"),
+        row(mb, 0, True, ", Liger's kernels inside the compiled layers", liger_in_compiled_layers=True),
+    ]
+
+
 PLANS = {
     "levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers),
     "offload": offload_plan,
     "offload-check": offload_check_plan,
+    "compile": compile_plan,
+    "compile-eager": lambda cfg, layers, goal=None: compile_plan(cfg, layers, goal, compiled=False),
 }
 
 

@@ -130,6 +130,10 @@ class TrainConfig(Section):
     # LoRA's scaling and add in the B matmul's epilogue (one addmm instead of peft's copy, multiply and
     # add; pcbvlm.fused_ops.fuse_lora_adds). Same math; the sum is rounded once instead of twice.
     fused_lora: bool = True
+    # Each decoder layer through torch.compile (pcbvlm.layer_compile): Inductor fuses the elementwise work
+    # around the matmuls (norms, rotary, residual and LoRA adds, SiLU x up) in place of Liger's in-layer
+    # kernels (its fused loss stays). The first step of each new batch shape compiles (tens of seconds).
+    compile_layers: bool = False
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(3, gt=0)

@@ -235,16 +235,19 @@ def use_fused_kernels(cfg: Config, device: str) -> bool:
     return usable
 
 
-def apply_fused_kernels(model, fused_cross_entropy: bool = True, swiglu: bool = False) -> None:
+def apply_fused_kernels(
+    model, fused_cross_entropy: bool = True, swiglu: bool = False, in_layers: bool = True
+) -> None:
     """Liger's Triton kernels on the model (its family's patch): RMSNorm and rotary embeddings fused, and
     a cross-entropy fused with lm_head that computes the loss chunk by chunk without materialising the
     logits (same loss: the tiny-model test on a GPU compares it). The rotary patch is module-wide.
     `fused_cross_entropy=False` under DeepSpeed ZeRO-3: the fused loss reads lm_head.weight directly,
     which ZeRO-3 only gathers inside lm_head's own forward. `swiglu`: Liger's SiLU-multiply kernel in
     the decoder MLPs (`pcbvlm.fused_ops.fuse_swiglu`; Liger 0.8.5 accepts the flag for Qwen3-VL but
-    wires nothing)."""
-    family_of_model(model).apply_fused_kernels(model, fused_cross_entropy)
-    if swiglu:
+    wires nothing). `in_layers=False` (train.compile_layers: Inductor fuses the layers' elementwise work
+    itself) leaves the decoder layers alone: only the fused loss."""
+    family_of_model(model).apply_fused_kernels(model, fused_cross_entropy, in_layers)
+    if swiglu and in_layers:
         from pcbvlm.fused_ops import fuse_swiglu
 
         fuse_swiglu(model)

@@ -610,9 +610,11 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     from transformers import set_seed
 
     from pcbvlm.collator import TrainCollator
+    from pcbvlm.layer_compile import check_compilable, compile_decoder_layers, compiled_layers
     from pcbvlm.modeling import (
         apply_fused_kernels,
         apply_lora,
+        decoder_layers,
         ensure_model_available,
         load_base_model,
         model_family,
@@ -623,6 +625,13 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     )
 
     device = resolve_device(cfg)
+    if cfg.train.compile_layers:
+        check_compilable(device)
+        if deepspeed_zero_stage() == 3:
+            raise UserError(
+                "train.compile_layers: not with DeepSpeed ZeRO-3 (its parameter gathering runs inside the "
+                "layers); set train.compile_layers=false or use another accelerate profile"
+            )
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
     state = PartialState(cpu=device == "cpu")
     if state.device.type == "cpu" and state.device.index is not None:
@@ -694,12 +703,19 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
     model = load_base_model(cfg, device=device, dtype=dtype, zero3=deepspeed_zero_stage() == 3)
     if fused:
         apply_fused_kernels(
-            model, fused_cross_entropy=deepspeed_zero_stage() != 3, swiglu=cfg.train.fused_swiglu
+            model,
+            fused_cross_entropy=deepspeed_zero_stage() != 3,
+            swiglu=cfg.train.fused_swiglu,
+            in_layers=not cfg.train.compile_layers,
         )
+    layers = decoder_layers(model)
     if cfg.train.method == "full":
         enable_full_training(model, cfg)
     else:
         model = apply_lora(model, cfg, fused_lora=cfg.train.fused_lora)
+    if cfg.train.compile_layers:
+        # after the adapters and checkpointing are in place: the compiled code traces what they call
+        compile_decoder_layers(layers)
     trainable, total = trainable_parameters(model)
     if is_main:
         log.info(
@@ -745,6 +761,13 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
             "checkpointed layer inputs offloaded to CPU memory: %d copies, %.2f GiB",
             offload.packed,
             offload.packed_bytes / 2**30,
+        )
+    if cfg.train.compile_layers and is_main:  # one graph serves every layer; more only for new shapes
+        log.info(
+            "compiled decoder layers: %d of %d, %d graphs compiled",
+            compiled_layers(layers),
+            len(layers),
+            torch._dynamo.utils.counters["stats"]["unique_graphs"],
         )
 
     eval_loss = None

@@ -113,16 +113,22 @@ class ModelFamily(ABC):
         """The language model's decoder layers (`model.model.language_model.layers` in transformers 5)."""
         return list(model.model.language_model.layers)
 
-    def apply_fused_kernels(self, model, fused_cross_entropy: bool = True) -> None:
-        """Liger's Triton kernels: RMSNorm and rotary fused, and with `fused_cross_entropy` a loss fused
-        with lm_head that never materialises the logits (see pcbvlm.modeling.apply_fused_kernels)."""
+    def apply_fused_kernels(self, model, fused_cross_entropy: bool = True, in_layers: bool = True) -> None:
+        """Liger's Triton kernels: RMSNorm and rotary fused (`in_layers`), and with `fused_cross_entropy`
+        a loss fused with lm_head that never materialises the logits (see
+        pcbvlm.modeling.apply_fused_kernels)."""
         import importlib
 
         import liger_kernel.transformers as liger
 
         fused_cross_entropy = fused_cross_entropy and self.liger_fused_loss
+        if not (in_layers or fused_cross_entropy):
+            return
         getattr(liger, self.liger_patch)(
-            rope=True, rms_norm=True, fused_linear_cross_entropy=fused_cross_entropy, model=model
+            rope=in_layers,
+            rms_norm=in_layers,
+            fused_linear_cross_entropy=fused_cross_entropy,
+            model=model,
         )
         if not fused_cross_entropy:
             return
