@@ -107,6 +107,20 @@ def tiny_overrides(model_dir: Path, data_dir: Path, runs_dir: Path, **train) -> 
     return args
 
 
+def train_tiny(model_dir: Path, data_dir: Path, runs_dir: Path, **train):
+    """The training job on the tiny config (`tiny_overrides`, a few steps, no saves or evaluations on
+    the way); returns the CompletedProcess after checking that it succeeded."""
+    flags = dict(save_steps=100, eval_steps=100) | train
+    proc = run_job(
+        "pcbvlm.commands.train",
+        "--config",
+        str(ROOT / "config" / "tiny.yaml"),
+        *tiny_overrides(model_dir, data_dir, runs_dir, **flags),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def tiny_train_cfg(tiny_model_dir, tiny_data_dir):
     """The tiny config on the session's tiny model and data, with small images (fast CPU steps)."""

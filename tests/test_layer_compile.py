@@ -90,17 +90,17 @@ def test_compile_without_a_cpu_compiler_is_a_one_line_error(monkeypatch):
 def test_training_job_compiles_the_layers(tiny_model_dir, tiny_data_dir, tmp_path):
     """`train.compile_layers=true` in the training job: both layers of the tiny model run compiled code
     through the Trainer (with checkpointing, which the Trainer switches on itself)."""
-    from conftest import ROOT, run_job, tiny_overrides
+    from conftest import train_tiny
 
-    flags = dict(max_steps=2, save_steps=100, eval_steps=100, gradient_checkpointing="true")
-    flags |= dict(compile_layers="true", uncheckpointed_layers=1)
-    proc = run_job(
-        "pcbvlm.commands.train",
-        "--config",
-        str(ROOT / "config" / "tiny.yaml"),
-        *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "runs", **flags),
+    proc = train_tiny(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path / "runs",
+        max_steps=2,
+        gradient_checkpointing="true",
+        compile_layers="true",
+        uncheckpointed_layers=1,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "compiled decoder layers: 2 of 2," in out
     graphs = int(out.split("compiled decoder layers: 2 of 2, ")[1].split(" graphs")[0])

@@ -186,15 +186,15 @@ def test_training_job_offloads_through_the_trainer(tiny_model_dir, tiny_data_dir
     """`train.offload_checkpoints=true` in the training job: the Trainer keeps the hooks (it does not
     re-enable checkpointing), one copy per checkpointed layer and optimizer step (micro-batch 2, 1 of
     the tiny model's 2 layers checkpointed, 3 steps, no gradient accumulation)."""
-    from conftest import ROOT, run_job, tiny_overrides
+    from conftest import train_tiny
 
-    flags = dict(max_steps=3, save_steps=100, eval_steps=100, gradient_checkpointing="true")
-    flags |= dict(offload_checkpoints="true", uncheckpointed_layers=1)
-    proc = run_job(
-        "pcbvlm.commands.train",
-        "--config",
-        str(ROOT / "config" / "tiny.yaml"),
-        *tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "runs", **flags),
+    proc = train_tiny(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path / "runs",
+        max_steps=3,
+        gradient_checkpointing="true",
+        offload_checkpoints="true",
+        uncheckpointed_layers=1,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpointed layer inputs offloaded to CPU memory: 3 copies" in proc.stdout + proc.stderr
