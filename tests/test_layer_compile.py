@@ -144,3 +144,18 @@ def test_benchmark_row_compiles_and_leaves_the_model_eager(tiny_train_cfg, tiny_
     eager = row(False)
     assert eager["status"] == "ok" and "dynamo" not in eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing compiled for it
+
+
+def test_compile_under_zero3_is_refused_before_a_run_folder_exists(tiny_model_dir, tiny_data_dir, tmp_path):
+    """ZeRO-3 gathers parameters inside the layers' forward: the job refuses the combination in one
+    line, before it creates the run's folder."""
+    from conftest import ROOT, run_job, tiny_overrides
+
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    runs = tmp_path / "runs"
+    flags = tiny_overrides(tiny_model_dir, tiny_data_dir, runs, compile_layers="true")
+    proc = run_job("pcbvlm.commands.train", "--config", str(ROOT / "config" / "tiny.yaml"), *flags, env=env)
+    assert proc.returncode != 0
+    assert "train.compile_layers: not with DeepSpeed ZeRO-3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not runs.exists() or not any(runs.iterdir())
