@@ -16,6 +16,7 @@ from pcbvlm.preflight.estimate import (
     Layout,
     artifact_sizes,
     calibration_tokens,
+    checkpoint_offload_bytes,
     estimate_eval_vram,
     estimate_merge_memory,
     estimate_quantize_vram,
@@ -624,8 +625,34 @@ def test_zero3_shards_the_base_weights_and_gathers_two_layers():
 # Suggestions when the step does not fit
 
 
+def test_train_suggests_offloading_the_checkpoints_first():
+    # every one of the 3 layers checkpointed: offloading frees all but the two inputs held on the GPU
+    train = {**QLORA, "micro_batch": 4, "grad_accum": 3, "uncheckpointed_layers": 0}
+    cfg = config(train=train, lora=LORA8)
+    offloaded = estimate_train_vram(SHAPE, cfg, offload_checkpoints=True).total_bytes
+    assert offloaded < estimate_train_vram(SHAPE, cfg).total_bytes
+    ram = checkpoint_offload_bytes(SHAPE, config(train={**train, "offload_checkpoints": True}, lora=LORA8))
+    assert ram > 0
+    assert suggest_train_fit(SHAPE, cfg, offloaded).endswith(
+        f": train.offload_checkpoints=true fits (the checkpointed layers' inputs wait in pinned host RAM, "
+        f"~{ram / GIB:.1f} GiB; the same speed on the H200)"
+    )
+    # not enough even with offloading: the next remedy, without offloading
+    assert "offload" not in suggest_train_fit(SHAPE, cfg, offloaded - 1)
+
+
 def test_train_suggestions_in_order_of_cost():
-    cfg = config(train={**QLORA, "micro_batch": 4, "grad_accum": 3, "uncheckpointed_layers": 2}, lora=LORA8)
+    """The remedies after offloading (already on here)."""
+    cfg = config(
+        train={
+            **QLORA,
+            "micro_batch": 4,
+            "grad_accum": 3,
+            "uncheckpointed_layers": 2,
+            "offload_checkpoints": True,
+        },
+        lora=LORA8,
+    )
     need = estimate_train_vram(SHAPE, cfg).total_bytes
     head = f"micro_batch 4 needs ~{need / GIB:.1f} GiB, "
     fewer = estimate_train_vram(SHAPE, cfg, uncheckpointed_layers=1).total_bytes
@@ -649,7 +676,9 @@ def test_train_suggestions_in_order_of_cost():
     assert suggest_train_fit(SHAPE, cfg, mb1).endswith(
         ": micro_batch 1 fits (set train.micro_batch=1 train.grad_accum=12 train.uncheckpointed_layers=0 to keep the effective batch 12)"
     )
-    plain = config(train={**QLORA, "micro_batch": 5, "grad_accum": 1}, lora=LORA8)
+    plain = config(
+        train={**QLORA, "micro_batch": 5, "grad_accum": 1, "offload_checkpoints": True}, lora=LORA8
+    )
     mb2 = estimate_train_vram(SHAPE, plain, micro_batch=2).total_bytes
     assert suggest_train_fit(SHAPE, plain, mb2).endswith(
         ": micro_batch 2 fits (set train.micro_batch=2 train.grad_accum=3 to keep the effective batch 5)"
@@ -661,7 +690,9 @@ def test_train_suggestions_in_order_of_cost():
             f": micro_batch 1 with data.max_pixels={pixels} fits"
         )
     small = config(
-        train={**QLORA, "micro_batch": 2, "grad_accum": 1}, lora=LORA8, data={"max_pixels": 147456}
+        train={**QLORA, "micro_batch": 2, "grad_accum": 1, "offload_checkpoints": True},
+        lora=LORA8,
+        data={"max_pixels": 147456},
     )
     free = estimate_train_vram(SHAPE, small, micro_batch=1, max_pixels=65536).total_bytes
     assert suggest_train_fit(SHAPE, small, free).endswith(": micro_batch 1 with data.max_pixels=65536 fits")
@@ -1056,6 +1087,17 @@ def test_32b_train_suggestions_name_exact_figures():
     def suggestion(free: float) -> str:
         return f"micro_batch 8 needs ~{need.total_gib:.1f} GiB, {free / GIB:.1f} GiB free: "
 
+    # first the checkpointed layers' inputs in host RAM: 60 layers x 8 x 650 tokens x 5120 x 2 B = 3.0 GiB
+    free = estimate_train_vram(BIG, cfg, offload_checkpoints=True).total_bytes
+    assert suggest_train_fit(BIG, cfg, free) == suggestion(free) + (
+        "train.offload_checkpoints=true fits (the checkpointed layers' inputs wait in pinned host RAM, "
+        "~3.0 GiB; the same speed on the H200)"
+    )
+    # then, with offloading on, the others in order
+    cfg = config(
+        train={**BIG_TRAIN, "offload_checkpoints": True}, lora={"r": 32}, resources={"vram_margin_gib": 1.0}
+    )
+    need = estimate_train_vram(BIG, cfg)
     free = estimate_train_vram(BIG, cfg, uncheckpointed_layers=2).total_bytes
     assert suggest_train_fit(BIG, cfg, free) == suggestion(free) + (
         "train.uncheckpointed_layers=2 fits (recomputes more layers: slower, same result)"

@@ -604,11 +604,22 @@ def _weight_items(shape: ModelShape, counts: ParamCounts, quantization: str, act
 
 
 def suggest_train_fit(model: Any, cfg: Config, free_bytes: float) -> str:
-    """What to change when the train step does not fit `free_bytes`: fewer uncheckpointed layers (only
-    slower), else the largest micro_batch that fits, else a smaller max_pixels, else gradient
-    checkpointing; or the memory a GPU would need."""
+    """What to change when the train step does not fit `free_bytes`: the checkpointed layers' inputs in
+    host RAM (measured at the same speed), else fewer uncheckpointed layers (only slower), else the
+    largest micro_batch that fits, else a smaller max_pixels, else gradient checkpointing; or the memory
+    a GPU would need."""
     need = estimate_train_vram(model, cfg)
     head = f"micro_batch {cfg.train.micro_batch} needs ~{need.total_gib:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
+    if cfg.train.gradient_checkpointing and not cfg.train.offload_checkpoints:
+        offloaded = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"offload_checkpoints": True})}
+        )
+        if estimate_train_vram(model, offloaded).total_bytes <= free_bytes:
+            ram = checkpoint_offload_bytes(model, offloaded) / GIB
+            return (
+                f"{head}: train.offload_checkpoints=true fits (the checkpointed layers' inputs wait in "
+                f"pinned host RAM, ~{ram:.1f} GiB; the same speed on the H200)"
+            )
     kept = cfg.train.uncheckpointed_layers if cfg.train.gradient_checkpointing else 0
     for layers in range(kept - 1, -1, -1):
         if estimate_train_vram(model, cfg, uncheckpointed_layers=layers).total_bytes <= free_bytes:
