@@ -132,7 +132,7 @@ class TrainConfig(Section):
     fused_lora: bool = True
     # Each decoder layer through torch.compile (pcbvlm.layer_compile): Inductor fuses the elementwise work
     # around the matmuls (norms, rotary, residual and LoRA adds, SiLU x up) in place of Liger's in-layer
-    # kernels (its fused loss stays). The first step of each new batch shape compiles (tens of seconds).
+    # kernels (its fused loss stays). The first step of each new batch shape compiles (6-24 s on the H200).
     compile_layers: bool = False
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)

@@ -14,7 +14,7 @@ bitsandbytes 0.50.2, bf16 autocast) that graph kept about half of each layer's a
 recomputing them (an 8-layer cut at micro-batch 16: 22.07 GiB against 11.67 with the eager
 checkpoint; the whole model ran out of memory), so it is not used (BENCHMARKS.md).
 
-The first step of every new input shape pays the compilation (~10-25 s for the 32B's layer on the
+The first step of every new input shape pays the compilation (6-24 s for the 32B's layer on the
 H200).
 """
 
