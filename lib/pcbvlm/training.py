@@ -626,12 +626,12 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
 
     device = resolve_device(cfg)
     if cfg.train.compile_layers:
-        check_compilable(device)
         if deepspeed_zero_stage() == 3:
             raise UserError(
                 "train.compile_layers: not with DeepSpeed ZeRO-3 (its parameter gathering runs inside the "
                 "layers); set train.compile_layers=false or use another accelerate profile"
             )
+        check_compilable(device)
     # cpu=True lets a multi-process CPU launch (torchrun, gloo) form a process group without CUDA.
     state = PartialState(cpu=device == "cpu")
     if state.device.type == "cpu" and state.device.index is not None:
