@@ -24,7 +24,6 @@ length: they are masked and overwritten by the next step.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,13 +132,10 @@ class GraphDecoder:
         # a token beside the int4 matmuls' 10 ms, 2.4 ms compiled (BENCHMARKS.md).
         self.compile_step = compile_step
         self._compiled_step = None
-        if compile_step and self.device.type == "cpu" and shutil.which("g++") is None:
-            from pcbvlm.errors import UserError
+        if compile_step:
+            from pcbvlm.layer_compile import check_compilable
 
-            raise UserError(
-                "eval.compile_decoder: torch.compile on the CPU needs a C++ compiler (g++), and none is "
-                "installed; set eval.compile_decoder=false (it is meant for GPUs)"
-            )
+            check_compilable(self.device.type, "eval.compile_decoder")
         self._state: dict | None = None
 
     # -- the step -------------------------------------------------------------------------------------

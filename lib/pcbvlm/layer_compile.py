@@ -27,13 +27,14 @@ import torch
 from pcbvlm.errors import UserError
 
 
-def check_compilable(device: str) -> None:
+def check_compilable(device: str, switch: str = "train.compile_layers") -> None:
     """Inductor on the CPU generates C++: without a compiler the first step would fail deep inside
-    torch.compile; fail first, naming the switch."""
+    torch.compile; fail first, naming the config `switch` that asked for it (also eval.compile_decoder,
+    pcbvlm.graphdecode)."""
     if device == "cpu" and shutil.which("g++") is None:
         raise UserError(
-            "train.compile_layers: torch.compile on the CPU needs a C++ compiler (g++), and none is "
-            "installed; set train.compile_layers=false (it is meant for GPUs)"
+            f"{switch}: torch.compile on the CPU needs a C++ compiler (g++), and none is "
+            f"installed; set {switch}=false (it is meant for GPUs)"
         )
 
 
