@@ -107,6 +107,22 @@ def tiny_overrides(model_dir: Path, data_dir: Path, runs_dir: Path, **train) -> 
     return args
 
 
+def tiny_lora_model(cfg, device: str = "cpu", **lora):
+    """The tiny model in fp32 with LoRA (`pcbvlm.modeling.apply_lora(**lora)`) and non-zero LoRA B, so that
+    gradients reach A too; returns (base model, peft model)."""
+    import torch
+
+    from pcbvlm.modeling import apply_lora, load_base_model
+
+    torch.manual_seed(0)
+    model = load_base_model(cfg, device=device, dtype=torch.float32)
+    peft_model = apply_lora(model, cfg, **lora)
+    for module in peft_model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.02)
+    return model, peft_model
+
+
 def train_tiny(model_dir: Path, data_dir: Path, runs_dir: Path, **train):
     """The training job on the tiny config (`tiny_overrides`, a few steps, no saves or evaluations on
     the way); returns the CompletedProcess after checking that it succeeded."""

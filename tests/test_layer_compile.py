@@ -13,7 +13,7 @@ from pcbvlm.collator import TrainCollator, keep_answer_logits
 from pcbvlm.deeppcb import load_samples
 from pcbvlm.errors import UserError
 from pcbvlm.layer_compile import check_compilable, compiled_layers, uncompile_decoder_layers
-from pcbvlm.modeling import apply_lora, decoder_layers, load_base_model
+from pcbvlm.modeling import decoder_layers, load_base_model
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None, reason="torch.compile on the CPU needs g++ (the CPU image has none)"
@@ -25,26 +25,20 @@ def _run(cfg, processor, data_dir, compiled: bool, device: str = "cpu"):
     second not), fused LoRA adds on, non-zero LoRA B so that gradients reach A too. On a GPU: QLoRA
     (NF4 base, bitsandbytes' 4-bit linears inside the compiled layers), computing in fp32 so that
     compiled and eager can be compared closely."""
+    from conftest import tiny_lora_model
     from pcbvlm.layer_compile import compile_decoder_layers
 
-    torch.manual_seed(0)
     if device == "cuda":
         train = cfg.train.model_copy(update={"method": "qlora", "quantization": "nf4"})
         cfg = cfg.model_copy(update={"train": train})
-        model = load_base_model(cfg, device="cuda", dtype=torch.float32)
-    else:
-        model = load_base_model(cfg, device="cpu", dtype=torch.float32)
-    peft_model = apply_lora(
-        model,
+    model, peft_model = tiny_lora_model(
         cfg,
+        device,
         gradient_checkpointing=True,
         uncheckpointed_layers=1,
         offload_checkpoints=True,
         fused_lora=True,
     )
-    for module in peft_model.modules():
-        if hasattr(module, "lora_B"):
-            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.02)
     layers = decoder_layers(model)
     if compiled:
         assert compile_decoder_layers(layers) == len(layers)

@@ -130,6 +130,13 @@ class TrainConfig(Section):
     # LoRA's scaling and add in the B matmul's epilogue (one addmm instead of peft's copy, multiply and
     # add; pcbvlm.fused_ops.fuse_lora_adds). Same math; the sum is rounded once instead of twice.
     fused_lora: bool = True
+    # Checkpointed layers compute down_proj's adapter before its frozen base product, so that their
+    # recomputation in the backward pass stops before that product (torch's checkpoint early stop; a
+    # ninth of a checkpointed layer's matmul work; pcbvlm.fused_ops.skip_down_proj_recompute). Same math.
+    skip_down_proj_recompute: bool = True
+    # QLoRA on a GPU: bitsandbytes' NF4 weights dequantized by one Triton kernel instead of its three
+    # launches (pcbvlm.nf4_dequant; the same values). Off, or without triton: bitsandbytes' own kernels.
+    fast_dequant: bool = True
     # Each decoder layer through torch.compile (pcbvlm.layer_compile): Inductor fuses the elementwise work
     # around the matmuls (norms, rotary, residual and LoRA adds, SiLU x up) in place of Liger's in-layer
     # kernels (its fused loss stays). The first step of each new batch shape compiles (6-24 s on the H200).

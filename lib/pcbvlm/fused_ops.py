@@ -12,6 +12,17 @@ kernels, and autograd keeps `silu(gate)` as well as `gate` and `up` for the back
 `LigerSiLUMulFunction` (liger-kernel 0.8.5, whose `apply_liger_kernel_to_qwen3_vl(swiglu=...)` accepts the
 flag but wires nothing) does both in one Triton kernel, keeps only `gate` and `up`, and recomputes the
 SiLU in its fused backward: one 25600-wide tensor less per token and layer (51 KB in bf16).
+
+`skip_down_proj_recompute`: a checkpointed layer recomputes its forward in the backward pass, down to its
+last product, down_proj's (27% of the layer's weights, a third of the MLP). Nothing the backward needs
+comes out of that product: down_proj's frozen base needs only the incoming gradient and its weight, and
+its adapter saves its own inputs. Non-reentrant checkpointing stops recomputing as soon as every saved
+tensor is back (torch's early stop, on by default), so computing down_proj's adapter first and its base
+product last ends the recomputation before the base product: about a ninth of a checkpointed layer's
+matmul work less (forward, recompute and input-gradient products each ~a third). bitsandbytes' 4-bit
+product saves nothing (it keeps its weight on the autograd context); an unquantized frozen base goes
+through `_FrozenLinear`, which does the same. Under `train.compile_layers` the base product runs outside
+the compiled graph (`torch.compiler.disable`), so that the graph's saved tensors are complete before it.
 """
 
 from __future__ import annotations
@@ -55,6 +66,72 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # result + scaling * (down @ B^T) in one GEMM: the scaling and the add run in its epilogue.
         result = torch.addmm(result, down, lora_b.weight.to(result.dtype).t(), alpha=self.scaling[name])
     return result.view(shape)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """`x @ W^T + b` for a frozen `W` that the backward reads from the autograd context instead of
+    saving it (as bitsandbytes' 4-bit product does): with nothing saved, checkpointing's recomputation
+    can stop before it. Only the input gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # autocast ran the forward in bf16: the gradient is bf16, the weight may be fp32
+        return grad.matmul(ctx.weight.to(grad.dtype)), None, None
+
+
+def _frozen_product(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base layer's output, saving nothing for the backward where the layer allows it."""
+    if type(base) is torch.nn.Linear and not base.weight.requires_grad:
+        bias = base.bias
+        if bias is not None and bias.requires_grad:
+            return base(x)
+        return _FrozenLinear.apply(x, base.weight, bias)
+    return base(x)  # bitsandbytes' Linear4bit saves nothing itself
+
+
+_frozen_product_outside_graph = torch.compiler.disable(_frozen_product)
+
+
+def _adapter_first_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The LoRA linear with its adapters first and its frozen base product last (see the module
+    docstring, `skip_down_proj_recompute`)."""
+    if not _plain_lora_layer(self, args, kwargs):
+        return self.pcbvlm_unfused_forward(x, *args, **kwargs)
+    adapters = None
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        adapter_input = self.lora_dropout[name](x)
+        if self.cast_input_dtype_enabled and not torch.is_autocast_enabled(x.device.type):
+            adapter_input = adapter_input.to(self.lora_A[name].weight.dtype)
+        out = self.lora_B[name](self.lora_A[name](adapter_input)) * self.scaling[name]
+        adapters = out if adapters is None else adapters + out
+    result = _frozen_product_outside_graph(self.base_layer, x)
+    return result if adapters is None else result + adapters.to(result.dtype)
+
+
+def skip_down_proj_recompute(layers: list[torch.nn.Module]) -> int:
+    """Bind the adapter-first forward to the LoRA down_proj of every checkpointed one of the decoder
+    `layers` (after LoRA and checkpointing are in place; uncheckpointed layers keep the fused `addmm`).
+    Returns how many layers were switched. Undone by `unfuse_lora_adds` (or with the LoRA layers by
+    peft's `unload()`)."""
+    from peft.tuners.lora import LoraLayer
+
+    switched = 0
+    for layer in layers:
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if not getattr(layer, "gradient_checkpointing", False) or not isinstance(down, LoraLayer):
+            continue
+        if "pcbvlm_unfused_forward" not in down.__dict__:
+            down.pcbvlm_unfused_forward = down.forward
+        down.forward = types.MethodType(_adapter_first_forward, down)
+        switched += 1
+    return switched
 
 
 def fuse_lora_adds(model) -> int:

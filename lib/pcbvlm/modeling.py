@@ -146,12 +146,15 @@ def apply_lora(
     cast_lora_inputs: bool = False,
     fused_lora: bool = False,
     offload_checkpoints: bool | None = None,
+    skip_down_proj_recompute: bool = False,
 ):
     """Wrap the model with LoRA adapters; the base stays frozen. `cast_lora_inputs=True` keeps peft's
     default fp32 upcast of adapter inputs (see keep_lora_inputs_in_compute_dtype); `fused_lora=True`
     adds each adapter's output in its B matmul's epilogue (`pcbvlm.fused_ops.fuse_lora_adds`);
     `offload_checkpoints` (default train.offload_checkpoints) keeps the checkpointed layers' inputs in
-    CPU memory (`pcbvlm.offload`; the offloader is `peft_model.pcbvlm_checkpoint_offload`)."""
+    CPU memory (`pcbvlm.offload`; the offloader is `peft_model.pcbvlm_checkpoint_offload`);
+    `skip_down_proj_recompute=True` ends the checkpointed layers' recomputation before down_proj's base
+    product (`pcbvlm.fused_ops.skip_down_proj_recompute`)."""
     from peft import LoraConfig, get_peft_model
 
     gradient_checkpointing = (
@@ -195,7 +198,13 @@ def apply_lora(
         from pcbvlm.fused_ops import fuse_lora_adds
 
         fuse_lora_adds(peft_model)
+    skipped = 0
+    if gradient_checkpointing and skip_down_proj_recompute:
+        from pcbvlm.fused_ops import skip_down_proj_recompute as adapter_first_down_proj
+
+        skipped = adapter_first_down_proj(decoder_layers(model))
     peft_model.pcbvlm_checkpoint_offload = offload
+    peft_model.pcbvlm_down_proj_skips = skipped  # checkpointed layers that skip down_proj's recomputation
     return peft_model
 
 

@@ -709,10 +709,22 @@ def _train(cfg: Config, resume: str, record: _RunRecord) -> TrainResult:
             in_layers=not cfg.train.compile_layers,
         )
     layers = decoder_layers(model)
+    if cfg.train.fast_dequant and cfg.train.quantization == "nf4" and device == "cuda":
+        from pcbvlm.nf4_dequant import install
+
+        if install() and is_main:
+            log.info("NF4 weights dequantized by pcbvlm.nf4_dequant (train.fast_dequant)")
     if cfg.train.method == "full":
         enable_full_training(model, cfg)
     else:
-        model = apply_lora(model, cfg, fused_lora=cfg.train.fused_lora)
+        model = apply_lora(
+            model,
+            cfg,
+            fused_lora=cfg.train.fused_lora,
+            skip_down_proj_recompute=cfg.train.skip_down_proj_recompute,
+        )
+        if model.pcbvlm_down_proj_skips and is_main:
+            log.info("down_proj not recomputed in %d checkpointed layers", model.pcbvlm_down_proj_skips)
     if cfg.train.compile_layers:
         # after the adapters and checkpointing are in place: the compiled code traces what they call
         compile_decoder_layers(layers)
