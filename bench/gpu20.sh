@@ -10,7 +10,7 @@
 # for building and saving the checkpoint; the 64-layer one took 98 s), PLAN (our rows: offload, the default,
 # offload-check, compile, compile-eager, or levers: the rows of the first two runs), GPU (the CUDA device, 0),
 # UNSLOTH=0 (no Unsloth rows), UNSLOTH_PROFILE=1 (one profiled Unsloth step per row), WAIT_CKPT=1 (wait up to
-# CKPT_TIMEOUT for another process to write the checkpoint), TAG (suffix of the result files). The 64-layer runs of 2026-11-30: LAYERS=64 STEPS=3 UNSLOTH_MB=16
+# CKPT_TIMEOUT for another process to write the checkpoint), TAG (suffix of the result files), EXPANDABLE=1 (our rows with expandable segments). The 64-layer runs of 2026-11-30: LAYERS=64 STEPS=3 UNSLOTH_MB=16
 # CKPT_TIMEOUT=200 (PLAN=levers; then PLAN=offload GPU=1; then PLAN=offload-check UNSLOTH=0 TAG=-check GPU=0
 # on a single H200).
 set -o pipefail
@@ -91,7 +91,8 @@ GOAL=$($PY -c "import json,sys; r=[t for t in json.load(open(sys.argv[1]))['trai
 [ -n "$GOAL" ] && OURS_ARGS="$OURS_ARGS --memory-goal-gib $GOAL"
 T=$(( $(left) - 8 ))
 say "our rows (timeout $T s)"
-timeout $T $PY $HERE/jobs/bench_unsloth.py ours --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/ours$TAG.json --steps $STEPS \
+# EXPANDABLE=1: our rows with the allocator's expandable segments, as Unsloth sets for its own process on import
+timeout $T ${EXPANDABLE:+env PYTORCH_ALLOC_CONF=expandable_segments:True} $PY $HERE/jobs/bench_unsloth.py ours --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/ours$TAG.json --steps $STEPS \
   --deadline-s $((T - 45)) --plan ${PLAN:-offload} $OURS_ARGS 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee -a "$LOG"
 say "ours exit $?"
 

@@ -33,11 +33,23 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline-s", type=float, help="ours: skip rows after this many seconds")
     parser.add_argument(
         "--plan",
-        choices=["offload", "offload-check", "levers", "compile", "compile-eager"],
+        choices=[
+            "offload",
+            "offload-check",
+            "levers",
+            "compile",
+            "compile-eager",
+            "skip",
+            "skip-eager",
+            "final",
+            "final-eager",
+        ],
         default="offload",
         help="ours: which rows (offload: offloaded checkpoints + gradient accumulation; offload-check: its "
         "follow-up, offloading on/off in one run; levers: the fused LoRA adds / SwiGLU rows of the first two "
-        "2026-11-30 runs; compile: compiled decoder layers; compile-eager: the same rows eager, and naive)",
+        "2026-11-30 runs; compile: compiled decoder layers; compile-eager: the same rows eager, and naive; skip: down_proj not "
+        "recomputed, compiled, with memory and idle-time traces; skip-eager: its eager rows and naive; final, final-eager: the same with the one-launch NF4 "
+        "dequantization)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="unsloth: one more step under torch.profiler per row"
@@ -45,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--memory-goal-gib",
         type=float,
-        help="ours, plans offload and compile: the memory cap of the row that must not use more than Unsloth (its peak)",
+        help="ours, plans offload, compile and skip: the memory cap of the row that must not use more than Unsloth (its peak)",
     )
     args = parser.parse_args(argv)
 

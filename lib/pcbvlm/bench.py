@@ -28,6 +28,7 @@ not counted (it is overhead). Peak: the H200's dense bf16 rate, 989 TFLOP/s (dat
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import traceback
@@ -63,6 +64,13 @@ class Setting:
     # unless `liger_in_compiled_layers` (whether Dynamo traces Liger's in-layer kernels, and what they add)
     compile_layers: bool = False
     liger_in_compiled_layers: bool = False
+    # checkpointed layers' recomputation stops before down_proj's base product (pcbvlm.fused_ops)
+    skip_down_proj_recompute: bool = False
+    fast_dequant: bool = False  # NF4 dequantization in one Triton kernel (pcbvlm.nf4_dequant)
+    # diagnostics, one more step each (pcbvlm.bench_trace): the GPU's idle gaps and the code around them;
+    # what is alive at the memory peak and which code allocated it
+    trace_idle: bool = False
+    trace_memory: bool = False
 
 
 def _sync() -> None:
@@ -298,7 +306,7 @@ def time_training(
     """Seconds per sample, tokens/s and peak memory of `steps` optimizer steps after one warm-up step
     (with `profile`, one more step under torch.profiler: GPU time by kernel family)."""
     from pcbvlm.collator import TrainCollator, keep_answer_logits
-    from pcbvlm.fused_ops import fuse_lora_adds, fuse_swiglu, torch_silu_mul
+    from pcbvlm.fused_ops import fuse_lora_adds, fuse_swiglu, skip_down_proj_recompute, torch_silu_mul
     from pcbvlm.layer_compile import compile_decoder_layers, uncompile_decoder_layers
     from pcbvlm.modeling import apply_lora, decoder_layers
 
@@ -327,6 +335,14 @@ def time_training(
     offload = getattr(peft_model, "pcbvlm_checkpoint_offload", None)
     if setting.fused_lora:
         fuse_lora_adds(peft_model)
+    if setting.skip_down_proj_recompute and setting.gradient_checkpointing and not setting.naive:
+        skip_down_proj_recompute(decoder_layers(model))
+    if setting.fast_dequant and on_gpu:
+        from pcbvlm.nf4_dequant import install
+
+        result_notes = {"fast_dequant_installed": install()}
+    else:
+        result_notes = {}
     if setting.fused_swiglu and liger_in_layers:  # Liger's kernel on the GPU; its PyTorch twin on the CPU
         fuse_swiglu(model, None if on_gpu else torch_silu_mul)
     if setting.compile_layers:
@@ -363,6 +379,7 @@ def time_training(
         "tokens_per_sample": tokens_per_sample,
         "answer_tokens": answer_tokens,
         "lora_parameters": lora_params,
+        **result_notes,
     }
     try:
         begin = time.perf_counter()
@@ -377,24 +394,34 @@ def time_training(
         losses = [step() for _ in range(steps)]
         _sync()
         seconds = time.perf_counter() - begin
+        peak = _peak_gib()  # of the timed steps (the memory diagnostic resets it)
         if setting.compile_layers:  # whether the layers compiled whole (graph breaks leave parts eager)
             counters = torch._dynamo.utils.counters
             result["dynamo"] = {
                 "unique_graphs": counters["stats"]["unique_graphs"],
                 "graph_breaks": dict(counters["graph_break"].most_common(5)),
             }
-        if profile:
+        diagnostics = {"profile": profile and profile_step}
+        if on_gpu:
+            from pcbvlm.bench_trace import trace_idle_gaps, trace_memory_peak
+
+            diagnostics.update(
+                idle=setting.trace_idle and trace_idle_gaps, memory=setting.trace_memory and trace_memory_peak
+            )
+        for key, diagnose in diagnostics.items():
+            if not diagnose:
+                continue
             try:
-                result["profile"] = profile_step(step)
-            except Exception as exc:  # the profile is a diagnostic: never lose the timing for it
-                result["profile"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+                result[key] = diagnose(step)
+            except Exception as exc:  # a diagnostic: never lose the timing for it
+                result[key] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         samples = steps * setting.micro_batch * setting.grad_accum
         result.update(
             status="ok",
             s_per_sample=round(seconds / samples, 4),
             samples_per_s=round(samples / seconds, 3),
             tokens_per_s=round(samples * tokens_per_sample / seconds, 1),
-            peak_gib=_peak_gib(),
+            peak_gib=peak,
             loss=round(losses[-1], 4),
             losses=[round(v, 4) for v in losses],
             ended_at=round(time.time(), 1),
@@ -415,7 +442,14 @@ def time_training(
             layer.mlp.__dict__.pop("forward", None)
         if setting.compile_layers:
             uncompile_decoder_layers(decoder_layers(model))
+        if setting.fast_dequant:
+            from pcbvlm.nf4_dequant import uninstall
+
+            uninstall()
         model.gradient_checkpointing_disable()
+        # The unloaded LoRA layers sit in reference cycles (their forward bound to themselves): without a
+        # collection their 2 GiB of fp32 adapters stayed allocated into the next row's peak.
+        gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
     log(f"train {setting.name}: {result}")

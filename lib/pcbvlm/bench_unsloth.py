@@ -506,12 +506,115 @@ def compile_plan(
     ]
 
 
+def _lever_row(
+    cfg,
+    layers: int,
+    compiled: bool,
+    micro: int,
+    kept: int,
+    offload: bool,
+    skip: bool,
+    note: str = "",
+    **extra,
+) -> Setting:
+    """A row of the fifth and sixth rounds: fused LoRA adds and SwiGLU, 16 samples per optimizer step."""
+    mb = cfg.train.micro_batch
+    label = (
+        f"{'compiled' if compiled else 'eager'}, mb {micro} x accum {mb // micro}, {kept} of {layers} "
+        f"uncheckpointed{', offloaded checkpoints' if offload else ''}"
+        f"{', down_proj not recomputed' if skip and kept < layers else ''}"
+        f"{', one-launch NF4 dequant' if extra.get('fast_dequant') else ''}{note}"
+    )
+    return Setting(
+        label,
+        micro,
+        grad_accum=mb // micro,
+        uncheckpointed_layers=kept,
+        offload_checkpoints=offload,
+        skip_down_proj_recompute=skip,
+        lora_dropout=cfg.lora.dropout,
+        fused_kernels=cfg.train.fused_kernels != "none",
+        fused_lora=True,
+        fused_swiglu=True,
+        compile_layers=compiled,
+        **extra,
+    )
+
+
+def _batch_sizes(cfg, layers: int) -> tuple[int, int, int, int]:
+    """The configured micro-batch, its uncheckpointed layers scaled to `layers`, its half and quarter."""
+    mb = cfg.train.micro_batch
+    keep = min(cfg.train.uncheckpointed_layers, cfg.train.uncheckpointed_layers * layers // 64)
+    return mb, keep, max(1, mb // 2), max(1, mb // 4)
+
+
+def skip_plan(
+    cfg, layers: int, memory_goal_gib: float | None = None, compiled: bool = True
+) -> list[Setting | list[Setting]]:
+    """Issue 20's fifth round: checkpointed layers that skip down_proj's base product in their
+    recomputation (`train.skip_down_proj_recompute`), compiled on one GPU, eager and the naive baseline on
+    the other (after Unsloth), with the memory at the peak and the GPU's idle gaps traced."""
+    mb, keep, half, quarter = _batch_sizes(cfg, layers)
+
+    def row(*args, **extra) -> Setting:
+        return _lever_row(cfg, layers, compiled, *args, **extra)
+
+    if not compiled:
+        return [
+            row(mb, 0, True, False, trace_memory=True),
+            row(mb, 0, True, True, trace_memory=True),
+            NAIVE,
+            row(mb, keep, False, True, " (the default)"),
+        ]
+    goal = memory_goal_gib or UNSLOTH_PEAK_GIB
+    return [
+        row(mb, 0, True, True, profile=True, trace_memory=True),
+        row(mb, 0, True, True, f", under {goal:g} GiB (Unsloth's peak)", cap_gib=goal),
+        [row(half, k, True, True) for k in _fit_down(layers, (40, 36))],
+        row(mb, keep, False, True, " (the default + compiled layers)"),
+        row(quarter, layers, False, False, trace_idle=True),  # last: the traced step's analysis is slow
+    ]
+
+
+def final_plan(
+    cfg, layers: int, memory_goal_gib: float | None = None, compiled: bool = True
+) -> list[Setting | list[Setting]]:
+    """Issue 20's sixth round: the fifth's levers with the one-launch NF4 dequantization
+    (`train.fast_dequant`), next to the same rows without it; compiled on one GPU; eager, the new default
+    and the naive baseline (last: alone on the host) on the other, after Unsloth."""
+    mb, keep, half, quarter = _batch_sizes(cfg, layers)
+
+    def row(*args, **extra) -> Setting:
+        return _lever_row(cfg, layers, compiled, *args, **extra)
+
+    if not compiled:
+        return [
+            row(mb, 0, True, True, fast_dequant=True),
+            row(mb, keep, False, True, " (the new default)", fast_dequant=True),
+            NAIVE,
+        ]
+    goal = memory_goal_gib or UNSLOTH_PEAK_GIB
+    return [
+        row(mb, 0, True, True, profile=True, fast_dequant=True),
+        row(mb, 0, True, True, f", under {goal:g} GiB (Unsloth's peak)", cap_gib=goal, fast_dequant=True),
+        row(quarter, layers, False, False, profile=True, fast_dequant=True),
+        row(quarter, layers, False, False),
+        [row(half, k, True, True, fast_dequant=True) for k in _fit_down(layers, (40, 36))],
+        row(mb, 0, True, True),
+        row(mb, keep, False, True, " (the default + compiled layers)", fast_dequant=True),
+    ]
+
+
 PLANS = {
     "levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers),
     "offload": offload_plan,
     "offload-check": offload_check_plan,
     "compile": compile_plan,
     "compile-eager": lambda cfg, layers, goal=None: compile_plan(cfg, layers, goal, compiled=False),
+    "skip": skip_plan,
+    "skip-eager": lambda cfg, layers, goal=None: skip_plan(cfg, layers, goal, compiled=False),
+    "final": final_plan,
+    "final-eager": lambda cfg, layers, goal=None: final_plan(cfg, layers, goal, compiled=False),
 }
 
 
