@@ -91,7 +91,8 @@ GOAL=$($PY -c "import json,sys; r=[t for t in json.load(open(sys.argv[1]))['trai
 [ -n "$GOAL" ] && OURS_ARGS="$OURS_ARGS --memory-goal-gib $GOAL"
 T=$(( $(left) - 8 ))
 say "our rows (timeout $T s)"
-# EXPANDABLE=1: our rows with the allocator's expandable segments, as Unsloth sets for its own process on import
+# EXPANDABLE=1: our rows with the allocator's expandable segments, as the training job (pcbvlm.commands.train) and
+# Unsloth (on import) set for their processes
 timeout $T ${EXPANDABLE:+env PYTORCH_ALLOC_CONF=expandable_segments:True} $PY $HERE/jobs/bench_unsloth.py ours --config $HERE/config/config.yaml --checkpoint $CKPT --out $R/ours$TAG.json --steps $STEPS \
   --deadline-s $((T - 45)) --plan ${PLAN:-offload} $OURS_ARGS 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee -a "$LOG"
 say "ours exit $?"

@@ -646,3 +646,18 @@ def test_deepspeed_configs_leave_no_size_to_guess_from_the_model_config():
         assert zero["stage"] == stage
         sized = ["reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"]
         assert all(isinstance(zero[key], int) for key in sized if key in zero), zero
+
+
+def test_training_sets_expandable_segments_unless_an_allocator_setting_is_there():
+    """The training job asks the CUDA allocator for expandable segments (less fragmentation: the 32B's
+    all-checkpointed step fits under Unsloth's peak as a hard cap only with them); a user's own
+    setting, in either variable, is kept."""
+    from pcbvlm.commands.train import default_allocator_setting
+
+    env: dict[str, str] = {}
+    default_allocator_setting(env)
+    assert env == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        env = {key: "max_split_size_mb:512"}
+        default_allocator_setting(env)
+        assert env == {key: "max_split_size_mb:512"}

@@ -12,8 +12,22 @@ import os
 
 from pcbvlm.cli import config_from_args, make_parser, run_job
 
+# The CUDA allocator's expandable segments keep its reserved memory close to what is allocated: on the
+# H200, capped at 31.43 GiB, the 32B's all-checkpointed step ran out of memory with 30.54 GiB allocated
+# without them and ran with them (BENCHMARKS.md, issue 20; Unsloth sets the same for its process). Read
+# by torch >= 2.10 when CUDA starts; a user's own allocator setting wins.
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def default_allocator_setting(env: dict | None = None) -> None:
+    """Set PYTORCH_ALLOC_CONF to expandable segments unless an allocator setting is already there."""
+    env = os.environ if env is None else env
+    if not any(env.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        env["PYTORCH_ALLOC_CONF"] = ALLOCATOR_SETTING
+
 
 def main(argv=None) -> int:
+    default_allocator_setting()  # before anything starts CUDA
     parser = make_parser("train", __doc__.splitlines()[0])
     parser.add_argument(
         "--resume",

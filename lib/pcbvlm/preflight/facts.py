@@ -107,6 +107,7 @@ ENV_KEYS = (
     "HF_HOME",
     "HF_HUB_CACHE",
     "CUDA_VISIBLE_DEVICES",
+    "PYTORCH_ALLOC_CONF",
     "PYTORCH_CUDA_ALLOC_CONF",
     "PCBVLM_IN_IMAGE",  # set in the images: the advice on the CUDA stack names `make build`, not `make setup`
     "PCBVLM_LOCK",
