@@ -196,12 +196,14 @@ def _dequant_linear_fallback(
 
 
 def _cuda_ops():
-    """bitsandbytes' CUDA backend module (it needs a CUDA build of torch: None elsewhere)."""
+    """bitsandbytes' CUDA backend module, where its `gemm_4bit` fallback lives (it needs a CUDA build of
+    torch; None elsewhere, or in a bitsandbytes without that fallback: then only the backward's
+    dequantization is routed)."""
     if not torch.cuda.is_available():
         return None
     from bitsandbytes.backends.cuda import ops
 
-    return ops
+    return ops if hasattr(ops, "_dequant_linear_fallback") else None
 
 
 def install() -> bool:
