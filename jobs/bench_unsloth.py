@@ -43,13 +43,14 @@ def main(argv=None) -> int:
             "skip-eager",
             "final",
             "final-eager",
+            "ratio",
         ],
         default="offload",
         help="ours: which rows (offload: offloaded checkpoints + gradient accumulation; offload-check: its "
         "follow-up, offloading on/off in one run; levers: the fused LoRA adds / SwiGLU rows of the first two "
         "2026-11-30 runs; compile: compiled decoder layers; compile-eager: the same rows eager, and naive; skip: down_proj not "
         "recomputed, compiled, with memory and idle-time traces; skip-eager: its eager rows and naive; final, final-eager: the same with the one-launch NF4 "
-        "dequantization)",
+        "dequantization; ratio: naive first, then the fastest setting)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="unsloth: one more step under torch.profiler per row"

@@ -605,6 +605,13 @@ def final_plan(
     ]
 
 
+def ratio_plan(cfg, layers: int, memory_goal_gib: float | None = None) -> list[Setting | list[Setting]]:
+    """The naive baseline first, on a host with nothing else running, then the fastest measured setting
+    (compiled mb 4 x 4, nothing recomputed, one-launch dequant): the ratio of issue 20's third goal."""
+    _, _, _, quarter = _batch_sizes(cfg, layers)
+    return [NAIVE, _lever_row(cfg, layers, True, quarter, layers, False, False, fast_dequant=True)]
+
+
 PLANS = {
     "levers": lambda cfg, layers, goal=None: side_by_side_plan(cfg, layers),
     "offload": offload_plan,
@@ -615,6 +622,7 @@ PLANS = {
     "skip-eager": lambda cfg, layers, goal=None: skip_plan(cfg, layers, goal, compiled=False),
     "final": final_plan,
     "final-eager": lambda cfg, layers, goal=None: final_plan(cfg, layers, goal, compiled=False),
+    "ratio": ratio_plan,
 }
 
 
