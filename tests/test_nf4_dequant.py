@@ -76,10 +76,14 @@ def test_install_routes_bitsandbytes_through_the_kernel(monkeypatch):
     calls = []
     original = nf4_dequant.dequantize_state
     monkeypatch.setattr(nf4_dequant, "dequantize_state", lambda *a, **k: calls.append(1) or original(*a, **k))
-    assert nf4_dequant.install()
+    original_dequantize = bnb_functional.dequantize_4bit
+    assert nf4_dequant.install() and nf4_dequant.install()  # a second install changes nothing
     try:
         assert nf4_dequant.installed()
         routed = bnb_functional.dequantize_4bit(packed, state)
+        assert calls == [1]
+        # a weight packed transposed (one row) comes back transposed, from bitsandbytes
+        assert bnb_functional.dequantize_4bit(packed.t(), state).shape == (128, 64)
         assert calls == [1]
         # FP4 and an `out=` buffer stay with bitsandbytes
         fp4, fp4_state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="fp4")
@@ -87,7 +91,7 @@ def test_install_routes_bitsandbytes_through_the_kernel(monkeypatch):
         assert calls == [1]
     finally:
         nf4_dequant.uninstall()
-    assert not nf4_dequant.installed()
+    assert not nf4_dequant.installed() and bnb_functional.dequantize_4bit is original_dequantize
     _same(routed, _reference(packed, state, torch.bfloat16))
 
 

@@ -132,7 +132,8 @@ class TrainConfig(Section):
     fused_lora: bool = True
     # Checkpointed layers compute down_proj's adapter before its frozen base product, so that their
     # recomputation in the backward pass stops before that product (torch's checkpoint early stop; a
-    # ninth of a checkpointed layer's matmul work; pcbvlm.fused_ops.skip_down_proj_recompute). Same math.
+    # ninth of a checkpointed layer's matmul work; pcbvlm.fused_ops.skip_down_proj_recompute). Same math;
+    # down_proj's adapter output is rounded to the compute dtype before the add (not fused into an addmm).
     skip_down_proj_recompute: bool = True
     # QLoRA on a GPU: bitsandbytes' NF4 weights dequantized by one Triton kernel instead of its three
     # launches (pcbvlm.nf4_dequant; the same values). Off, or without triton: bitsandbytes' own kernels.

@@ -19,6 +19,8 @@ custom op (`pcbvlm::dequantize_nf4`), so compiled layers (`train.compile_layers`
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:  # triton ships with CUDA builds of torch; the CPU lock has none (nothing is installed there)
@@ -96,22 +98,24 @@ def dequantize_nf4(
     n_bytes = (n_elements + 1) // 2
     nested = code2 is not None
     unused = absmax  # the nested inputs' slots when there are none (never read: NESTED is a constant)
-    _nf4_dequant_kernel[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
-        packed.reshape(-1),
-        absmax.reshape(-1),
-        code2 if nested else unused,
-        absmax2.reshape(-1) if nested else unused,
-        offset.reshape(-1).to(torch.float32) if nested else unused,
-        _nf4_table(packed.device),
-        out,
-        n_elements,
-        n_bytes,
-        BYTES=BYTES_PER_PROGRAM,
-        HALF=blocksize // 2,
-        BLOCKSIZE2=blocksize2,
-        NESTED=nested,
-        enable_fp_fusion=False,  # bitsandbytes rounds the product and the offset add separately
-    )
+    # Triton launches on the current device: make it the weight's
+    with torch.cuda.device(packed.device) if packed.is_cuda else contextlib.nullcontext():
+        _nf4_dequant_kernel[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
+            packed.reshape(-1),
+            absmax.reshape(-1),
+            code2 if nested else unused,
+            absmax2.reshape(-1) if nested else unused,
+            offset.reshape(-1).to(torch.float32) if nested else unused,
+            _nf4_table(packed.device),
+            out,
+            n_elements,
+            n_bytes,
+            BYTES=BYTES_PER_PROGRAM,
+            HALF=blocksize // 2,
+            BLOCKSIZE2=blocksize2,
+            NESTED=nested,
+            enable_fp_fusion=False,  # bitsandbytes rounds the product and the offset add separately
+        )
     return out
 
 
@@ -163,6 +167,7 @@ def _dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None,
         quant_state is not None
         and out is None
         and absmax is None
+        and A.shape[0] != 1  # a weight packed transposed: bitsandbytes returns its transpose
         and _handles(A, quant_state.quant_type, quant_state.dtype)
         and (not quant_state.nested or quant_state.state2.blocksize == 256)
     ):
@@ -207,29 +212,28 @@ def _cuda_ops():
 
 
 def install() -> bool:
-    """Route bitsandbytes' NF4 dequantization through the kernel (see the module docstring). Returns
-    whether it is installed (False without triton)."""
+    """Route bitsandbytes' NF4 dequantization through the kernel (see the module docstring); a second
+    call changes nothing. Returns whether it is installed (False without triton)."""
     if triton is None:
         return False
     import bitsandbytes.functional as bnb_functional
 
-    cuda_ops = _cuda_ops()
-    if not _ORIGINALS:
+    if bnb_functional.dequantize_4bit is not _dequantize_4bit:
         _ORIGINALS["dequantize_4bit"] = bnb_functional.dequantize_4bit
-        if cuda_ops is not None:
-            _ORIGINALS["_dequant_linear_fallback"] = cuda_ops._dequant_linear_fallback
-    bnb_functional.dequantize_4bit = _dequantize_4bit
-    if cuda_ops is not None:
+        bnb_functional.dequantize_4bit = _dequantize_4bit
+    cuda_ops = _cuda_ops()
+    if cuda_ops is not None and cuda_ops._dequant_linear_fallback is not _dequant_linear_fallback:
+        _ORIGINALS["_dequant_linear_fallback"] = cuda_ops._dequant_linear_fallback
         cuda_ops._dequant_linear_fallback = _dequant_linear_fallback
     return True
 
 
 def uninstall() -> None:
-    if not _ORIGINALS:
-        return
+    """Back to bitsandbytes' own functions (not counted: one call undoes any number of installs)."""
     import bitsandbytes.functional as bnb_functional
 
-    bnb_functional.dequantize_4bit = _ORIGINALS.pop("dequantize_4bit")
+    if "dequantize_4bit" in _ORIGINALS:
+        bnb_functional.dequantize_4bit = _ORIGINALS.pop("dequantize_4bit")
     if "_dequant_linear_fallback" in _ORIGINALS:
         _cuda_ops()._dequant_linear_fallback = _ORIGINALS.pop("_dequant_linear_fallback")
 
