@@ -306,7 +306,7 @@ def time_training(
     """Seconds per sample, tokens/s and peak memory of `steps` optimizer steps after one warm-up step
     (with `profile`, one more step under torch.profiler: GPU time by kernel family)."""
     from pcbvlm.collator import TrainCollator, keep_answer_logits
-    from pcbvlm.fused_ops import fuse_lora_adds, fuse_swiglu, skip_down_proj_recompute, torch_silu_mul
+    from pcbvlm.fused_ops import fuse_swiglu, torch_silu_mul
     from pcbvlm.layer_compile import compile_decoder_layers, uncompile_decoder_layers
     from pcbvlm.modeling import apply_lora, decoder_layers
 
@@ -331,18 +331,10 @@ def time_training(
             uncheckpointed_layers=min(setting.uncheckpointed_layers, len(decoder_layers(model))),
             cast_lora_inputs=setting.cast_lora_inputs,
             offload_checkpoints=setting.offload_checkpoints,
+            fused_lora=setting.fused_lora,
+            skip_down_proj_recompute=setting.skip_down_proj_recompute,
         )
     offload = getattr(peft_model, "pcbvlm_checkpoint_offload", None)
-    if setting.fused_lora:
-        fuse_lora_adds(peft_model)
-    if setting.skip_down_proj_recompute and setting.gradient_checkpointing and not setting.naive:
-        skip_down_proj_recompute(decoder_layers(model))
-    if setting.fast_dequant and on_gpu:
-        from pcbvlm.nf4_dequant import install
-
-        result_notes = {"fast_dequant_installed": install()}
-    else:
-        result_notes = {}
     if setting.fused_swiglu and liger_in_layers:  # Liger's kernel on the GPU; its PyTorch twin on the CPU
         fuse_swiglu(model, None if on_gpu else torch_silu_mul)
     if setting.compile_layers:
@@ -379,8 +371,11 @@ def time_training(
         "tokens_per_sample": tokens_per_sample,
         "answer_tokens": answer_tokens,
         "lora_parameters": lora_params,
-        **result_notes,
     }
+    if setting.fast_dequant and on_gpu:
+        from pcbvlm.nf4_dequant import install
+
+        result["fast_dequant_installed"] = install()
     try:
         begin = time.perf_counter()
         result["warmup_loss"] = round(step(), 4)  # warm-up: kernels, allocator (LoRA B = 0: the base's loss)

@@ -48,6 +48,14 @@ def _plain_lora_layer(layer, args: tuple, kwargs: dict) -> bool:
     return not any(getattr(layer, "lora_bias", {}).get(a, False) for a in layer.active_adapters)
 
 
+def _adapter_input(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of adapter `name`'s lora_A, as peft makes it: dropout, then (outside autocast) its dtype."""
+    adapter_input = layer.lora_dropout[name](x)
+    if layer.cast_input_dtype_enabled and not torch.is_autocast_enabled(x.device.type):
+        adapter_input = adapter_input.to(layer.lora_A[name].weight.dtype)
+    return adapter_input
+
+
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not _plain_lora_layer(self, args, kwargs):
         return self.pcbvlm_unfused_forward(x, *args, **kwargs)
@@ -58,10 +66,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if name not in self.lora_A:
             continue
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        adapter_input = self.lora_dropout[name](x)
-        if self.cast_input_dtype_enabled and not torch.is_autocast_enabled(x.device.type):
-            adapter_input = adapter_input.to(lora_a.weight.dtype)
-        down = lora_a(adapter_input)
+        down = lora_a(_adapter_input(self, name, x))
         down = down.reshape(-1, down.shape[-1]).to(result.dtype)
         # result + scaling * (down @ B^T) in one GEMM: the scaling and the add run in its epilogue.
         result = torch.addmm(result, down, lora_b.weight.to(result.dtype).t(), alpha=self.scaling[name])
@@ -106,10 +111,7 @@ def _adapter_first_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tens
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
-        adapter_input = self.lora_dropout[name](x)
-        if self.cast_input_dtype_enabled and not torch.is_autocast_enabled(x.device.type):
-            adapter_input = adapter_input.to(self.lora_A[name].weight.dtype)
-        out = self.lora_B[name](self.lora_A[name](adapter_input)) * self.scaling[name]
+        out = self.lora_B[name](self.lora_A[name](_adapter_input(self, name, x))) * self.scaling[name]
         adapters = out if adapters is None else adapters + out
     result = _frozen_product_outside_graph(self.base_layer, x)
     return result if adapters is None else result + adapters.to(result.dtype)

@@ -20,6 +20,7 @@ custom op (`pcbvlm::dequantize_nf4`), so compiled layers (`train.compile_layers`
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -124,22 +125,19 @@ def _(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtyp
     return packed.new_empty(shape, dtype=dtype)
 
 
-def dequantize_state(packed: torch.Tensor, state, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_state(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' `dequantize_4bit(packed, state)` through the kernel (an NF4 `QuantState`)."""
-    if state.nested:
-        return dequantize_nf4(
-            packed,
-            state.absmax,
-            state.state2.code,
-            state.state2.absmax,
-            state.offset,
-            state.blocksize,
-            state.state2.blocksize,
-            list(state.shape),
-            dtype or state.dtype,
-        )
+    nested = state.state2 if state.nested else None
     return dequantize_nf4(
-        packed, state.absmax, None, None, None, state.blocksize, 0, list(state.shape), dtype or state.dtype
+        packed,
+        state.absmax,
+        nested.code if nested else None,
+        nested.absmax if nested else None,
+        state.offset if nested else None,
+        state.blocksize,
+        nested.blocksize if nested else 0,
+        list(state.shape),
+        state.dtype,
     )
 
 
@@ -154,8 +152,6 @@ def _handles(packed: torch.Tensor, quant_type: str, dtype: torch.dtype) -> bool:
 
 
 def _interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests run the kernel in Triton's interpreter
 
 
